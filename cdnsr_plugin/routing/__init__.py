@@ -1,0 +1,1 @@
+"""Routing utilities: patch decomposition/merging and FLOPs accounting."""
