@@ -1,0 +1,62 @@
+"""Shared fixtures: real photos (../shared/data/photos, else scikit-image's bundled ones)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault('CDNSR_PLUGIN_AUTOLOAD', '1')
+import cdnsr_plugin  # noqa: E402,F401  (registers the plugin; also installs the torchvision alias)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_PHOTOS = REPO.parent / 'shared' / 'data' / 'photos'
+
+
+def _skimage_photos() -> list[np.ndarray]:
+    from skimage import data
+    return [getattr(data, name)()[..., ::-1].copy() for name in ('astronaut', 'coffee', 'chelsea', 'rocket')]
+
+
+def load_photos(limit: int = 4) -> list[np.ndarray]:
+    """Real photos as uint8 BGR arrays (OpenCV order, as BasicSR reads them)."""
+    import cv2
+    paths = sorted(SHARED_PHOTOS.glob('*.png'))[:limit] if SHARED_PHOTOS.is_dir() else []
+    photos = [cv2.imread(str(path), cv2.IMREAD_COLOR) for path in paths]
+    photos = [photo for photo in photos if photo is not None]
+    return photos or _skimage_photos()[:limit]
+
+
+@pytest.fixture(scope='session')
+def photos() -> list[np.ndarray]:
+    return load_photos()
+
+
+@pytest.fixture(scope='session')
+def lr_image(photos) -> 'torch.Tensor':
+    """A 90x120 crop of a real photo as a float (3, H, W) RGB tensor in [0, 1]."""
+    import torch
+    photo = photos[0]
+    y, x = photo.shape[0] // 3, photo.shape[1] // 3
+    crop = photo[y:y + 90, x:x + 120, ::-1].astype(np.float32) / 255.0
+    return torch.from_numpy(crop.copy()).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture(scope='session')
+def paired_folder(tmp_path_factory, photos) -> Path:
+    """GT 64x64 crops of real photos and their x4 bicubic LR (basicsr's MATLAB imresize), as PNGs."""
+    import cv2
+    from basicsr.utils.matlab_functions import imresize
+    root = tmp_path_factory.mktemp('pairs')
+    (root / 'gt').mkdir()
+    (root / 'lq').mkdir()
+    for i, photo in enumerate(photos):
+        for j in range(2):
+            y = photo.shape[0] // 4 + 64 * j
+            x = photo.shape[1] // 4 + 96 * j
+            gt = photo[y:y + 64, x:x + 64]
+            lq = imresize(gt.astype(np.float64) / 255.0, 1 / 4)
+            cv2.imwrite(str(root / 'gt' / f'{i:02d}_{j}.png'), gt)
+            cv2.imwrite(str(root / 'lq' / f'{i:02d}_{j}.png'), np.clip(lq * 255.0, 0, 255).round().astype(np.uint8))
+    return root
