@@ -13,8 +13,8 @@ from cdnsr_plugin.compat import use_safe_yaml  # noqa: E402
 
 use_safe_yaml()
 
-from cdnsr_plugin import archs  # noqa: E402,F401  (registration side effects)
+from cdnsr_plugin import archs, data  # noqa: E402,F401  (registration side effects)
 from cdnsr_plugin.registry import registered_names  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['archs', 'registered_names', '__version__']
+__all__ = ['archs', 'data', 'registered_names', '__version__']

@@ -1,0 +1,246 @@
+"""tools/prepare_data.py: difficulty-classified LMDBs from real photos, loaded by BasicSR and the plugin."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from basicsr.archs import build_network
+from basicsr.data.paired_image_dataset import PairedImageDataset
+from basicsr.metrics.psnr_ssim import calculate_psnr
+
+from cdnsr_plugin.data.difficulty_dataset import DifficultyPairedDataset, read_labels
+from cdnsr_plugin.data.prepare import PrepareOptions, build_reference, prepare
+from cdnsr_plugin.routing.patches import PatchGrid
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_REFERENCE = {'type': 'MSRResNet', 'num_feat': 8, 'num_block': 1, 'upscale': 4}
+
+
+@pytest.fixture(scope='module')
+def hr_folder(tmp_path_factory, photos):
+    """Three real photos cropped to 300x400 (fast), as PNGs."""
+    folder = tmp_path_factory.mktemp('hr')
+    for i, photo in enumerate(photos[:3]):
+        y, x = photo.shape[0] // 4, photo.shape[1] // 4
+        cv2.imwrite(str(folder / f'photo {i}.png'), photo[y:y + 300, x:x + 400])  # a space in the name
+    return folder
+
+
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_network(TINY_REFERENCE)
+    path = tmp_path_factory.mktemp('ckpt') / 'tiny_msrresnet.pth'
+    torch.save({'params': net.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory, hr_folder, tiny_checkpoint):
+    out = tmp_path_factory.mktemp('prep') / 'set_x4'
+    opts = PrepareOptions(input=str(hr_folder), output=str(out), num_classes=3, multiscale=(1.0, 0.7), workers=0)
+    reference = build_reference(4, 'cpu', arch=dict(TINY_REFERENCE), checkpoint=str(tiny_checkpoint))
+    summary = prepare(opts, reference, montage=True)
+    return out, summary
+
+
+def meta_keys(lmdb_dir: Path) -> list:
+    return [line.split('.')[0] for line in (lmdb_dir / 'meta_info.txt').read_text().splitlines()]
+
+
+def test_keys_match_and_cover_every_sub_image(prepared):
+    out, summary = prepared
+    lq, gt = meta_keys(out / 'lq.lmdb'), meta_keys(out / 'gt.lmdb')
+    assert lq == gt and len(set(lq)) == len(lq) == summary['num_pairs']
+    expected = 0
+    for factor in (1.0, 0.7):
+        hr_h, hr_w = (round(300 * factor) // 4 * 4, round(400 * factor) // 4 * 4) if factor != 1 else (300, 400)
+        expected += 3 * len(PatchGrid.for_image(hr_h // 4, hr_w // 4, 32, 16))
+    assert summary['num_pairs'] == expected
+    assert all(key.isascii() and '.' not in key and ' ' not in key for key in lq)
+
+
+def test_classes_are_equal_size_and_ordered_by_psnr(prepared):
+    out, summary = prepared
+    counts = [c['count'] for c in summary['classes']]
+    assert max(counts) - min(counts) <= 1 and sum(counts) == summary['num_pairs']
+    means = [c['psnr_mean'] for c in summary['classes']]
+    assert means[0] > means[1] > means[2]
+    labels = read_labels(out / 'labels.txt')
+    by_class = [[p for label, p in labels.values() if label == c] for c in range(3)]
+    assert min(by_class[0]) >= max(by_class[1]) and min(by_class[1]) >= max(by_class[2])  # labels follow ranks
+    assert summary['reference']['kind'] == 'network' and summary['reference']['arch']['type'] == 'MSRResNet'
+
+
+def test_scores_are_basicsr_psnr_of_the_reference(prepared, tiny_checkpoint):
+    """Recompute a few scores with BasicSR's numpy PSNR on uint8 images (Y channel, crop_border=4)."""
+    out, _ = prepared
+    labels = read_labels(out / 'labels.txt')
+    dataset = DifficultyPairedDataset({'name': 'p', 'dataroot_gt': str(out / 'gt.lmdb'),
+                                       'dataroot_lq': str(out / 'lq.lmdb'), 'io_backend': {'type': 'lmdb'},
+                                       'phase': 'val', 'scale': 4})
+    reference = build_reference(4, 'cpu', arch=dict(TINY_REFERENCE), checkpoint=str(tiny_checkpoint))
+    for index in (0, len(dataset) // 2, len(dataset) - 1):
+        item = dataset[index]
+        with torch.no_grad():
+            sr = reference.net(item['lq'][None])[0].clamp(0, 1)
+        to_u8 = lambda t: (t.permute(1, 2, 0).numpy()[..., ::-1] * 255).round().astype(np.uint8)  # noqa: E731
+        psnr = calculate_psnr(to_u8(sr), to_u8(item['gt']), crop_border=4, test_y_channel=True)
+        # calculate_psnr_pt (used in batches) adds 1e-8 to the MSE: up to ~0.02 dB at 56 dB, less below
+        assert psnr == pytest.approx(labels[item['key']][1], abs=0.05)
+
+
+def test_basicsr_paired_dataset_loads_every_key(prepared):
+    out, summary = prepared
+    dataset = PairedImageDataset({'dataroot_gt': str(out / 'gt.lmdb'), 'dataroot_lq': str(out / 'lq.lmdb'),
+                                  'io_backend': {'type': 'lmdb'}, 'phase': 'val', 'scale': 4})
+    assert len(dataset) == summary['num_pairs']
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item['lq'].shape == (3, 32, 32) and item['gt'].shape == (3, 128, 128)
+
+
+def test_plugin_dataset_loads_labels_and_restricts_classes(prepared):
+    out, summary = prepared
+    opt = {'name': 'p', 'dataroot_gt': str(out / 'gt.lmdb'), 'dataroot_lq': str(out / 'lq.lmdb'),
+           'io_backend': {'type': 'lmdb'}, 'phase': 'train', 'scale': 4, 'gt_size': 128, 'use_hflip': True,
+           'use_rot': True}
+    labels = read_labels(out / 'labels.txt')
+    everything = DifficultyPairedDataset(dict(opt, io_backend={'type': 'lmdb'}))
+    assert len(everything) == summary['num_pairs']
+    for index in range(0, len(everything), 7):
+        item = everything[index]
+        assert item['lq'].shape == (3, 32, 32) and item['gt'].shape == (3, 128, 128)
+        assert item['label'] == labels[item['key']][0]
+    hard = DifficultyPairedDataset(dict(opt, io_backend={'type': 'lmdb'}, classes=[2]))
+    assert len(hard) == summary['classes'][2]['count'] and set(hard.labels) == {2}
+    with pytest.raises(ValueError, match='classes'):
+        DifficultyPairedDataset(dict(opt, io_backend={'type': 'lmdb'}, classes=[3]))
+
+
+def test_montage_has_one_row_per_class(prepared):
+    out, summary = prepared
+    montage = cv2.imread(str(out / summary['montage']))
+    assert montage is not None and montage.shape[0] == 34 + 3 * 128 and montage.shape[1] == 150 + 8 * 128
+
+
+def test_existing_output_is_refused_and_overwrite_replaces_it(prepared, hr_folder):
+    out, summary = prepared
+    reference = build_reference(4, 'cpu', bicubic=True)
+    opts = PrepareOptions(input=str(hr_folder), output=str(out), num_classes=2, workers=0)
+    with pytest.raises(FileExistsError, match='--overwrite'):
+        prepare(opts, reference)
+    assert json.loads((out / 'summary.json').read_text())['num_classes'] == 3  # untouched
+    copy = out.with_name('copy')
+    new = prepare(PrepareOptions(input=str(hr_folder), output=str(copy), num_classes=2, workers=0), reference)
+    again = prepare(PrepareOptions(input=str(hr_folder), output=str(copy), num_classes=4, workers=0), reference,
+                    overwrite=True)
+    assert new['num_classes'] == 2 and again['num_classes'] == 4
+    assert json.loads((copy / 'summary.json').read_text())['reference']['kind'] == 'bicubic'
+    assert not copy.with_name('copy.incomplete').exists() and not copy.with_name('copy.old').exists()
+
+
+def test_no_reference_is_a_clear_error():
+    with pytest.raises(ValueError, match='--reference bicubic'):
+        build_reference(4, 'cpu')
+
+
+def write_bad_inputs(folder: Path, photo: np.ndarray) -> None:
+    crop = photo[:256, :256]
+    cv2.imwrite(str(folder / 'good.png'), crop)
+    (folder / 'notes.txt').write_text('not an image')
+    (folder / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(300))
+    cv2.imwrite(str(folder / 'gray.png'), cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(folder / 'rgba.png'), cv2.cvtColor(crop, cv2.COLOR_BGR2BGRA))
+    cv2.imwrite(str(folder / 'deep16.png'), crop.astype(np.uint16) * 257)
+    cv2.imwrite(str(folder / 'tiny.png'), crop[:100, :100])  # smaller than one 128x128 HR patch
+
+
+def test_bad_inputs_are_converted_or_skipped_and_listed(tmp_path, photos):
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    write_bad_inputs(folder, photos[0])
+    with pytest.warns(UserWarning, match='skipping'):
+        summary = prepare(PrepareOptions(input=str(folder), output=str(tmp_path / 'out'), workers=0),
+                          build_reference(4, 'cpu', bicubic=True))
+    skipped = {Path(path).name: reason for path, reason in summary['skipped'].items()}
+    assert set(skipped) == {'notes.txt', 'corrupt.png', 'tiny.png'}
+    assert 'not an image' in skipped['notes.txt'] and 'corrupt' in skipped['corrupt.png']
+    assert 'smaller' in skipped['tiny.png']
+    notes = {Path(path).name: info['notes'] for path, info in summary['images'].items()}
+    assert set(notes) == {'good.png', 'gray.png', 'rgba.png', 'deep16.png'}
+    assert notes['gray.png'] == ['grayscale converted to 3 channels'] and notes['rgba.png'] == ['RGBA: alpha dropped']
+    assert notes['deep16.png'] == ['16-bit converted to 8-bit'] and notes['good.png'] == []
+    per_image = {Path(path).name: info['sub_images'] for path, info in summary['images'].items()}
+    assert len(set(per_image.values())) == 1  # every usable image gave its full set of sub-images
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='holds no image'):
+        prepare(PrepareOptions(input=str(tmp_path / 'empty'), output=str(tmp_path / 'o')),
+                build_reference(4, 'cpu', bicubic=True))
+    assert not (tmp_path / 'o.incomplete').exists()
+
+
+def test_killed_run_leaves_nothing_the_dataset_accepts(tmp_path, photos):
+    folder = tmp_path / 'big'
+    folder.mkdir()
+    for i, photo in enumerate(photos):
+        cv2.imwrite(str(folder / f'{i}.png'), photo)
+    out = tmp_path / 'set'
+    incomplete = tmp_path / 'set.incomplete'
+    command = [sys.executable, str(REPO / 'tools' / 'prepare_data.py'), '--input', str(folder), '--output',
+               str(out), '--reference', 'bicubic', '--workers', '0', '--compress-level', '9']
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (incomplete / 'gt.lmdb').exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    assert incomplete.is_dir() and not out.exists()
+    for root in (out, incomplete):
+        with pytest.raises(FileNotFoundError, match='not a complete prepared set'):
+            DifficultyPairedDataset({'name': 'p', 'dataroot_gt': str(root / 'gt.lmdb'),
+                                     'dataroot_lq': str(root / 'lq.lmdb'), 'io_backend': {'type': 'lmdb'},
+                                     'phase': 'train', 'scale': 4})
+
+
+def test_cli_with_worker_processes(tmp_path, hr_folder):
+    out = tmp_path / 'cli_set'
+    result = subprocess.run([sys.executable, str(REPO / 'tools' / 'prepare_data.py'), '--input', str(hr_folder),
+                             '--output', str(out), '--reference', 'bicubic', '--classes', '2', '--workers', '2'],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['num_classes'] == 2 and f"{summary['num_pairs']} sub-image pairs" in result.stdout
+    missing = subprocess.run([sys.executable, str(REPO / 'tools' / 'prepare_data.py'), '--input', str(hr_folder),
+                              '--output', str(tmp_path / 'x')], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and 'choose exactly one reference' in missing.stderr
+
+
+@pytest.mark.parametrize('fragment', ['data_difficulty_x4.yml', 'data_difficulty_simple_x4.yml',
+                                      'data_basicsr_lmdb_x4.yml'])
+def test_option_fragments_build_their_datasets(prepared, fragment):
+    from basicsr.data import build_dataset
+
+    from cdnsr_plugin.compat import load_yaml
+    out, summary = prepared
+    datasets = load_yaml(str(REPO / 'options' / 'fragments' / fragment))['datasets']
+    assert list(datasets) == ['train']  # basicsr's train.py accepts only train and val* phases
+    for phase, opt in datasets.items():
+        opt = dict(opt, phase='train', scale=4,
+                   dataroot_gt=str(out / 'gt.lmdb'), dataroot_lq=str(out / 'lq.lmdb'))
+        dataset = build_dataset(opt)
+        expected = summary['classes'][0]['count'] if opt.get('classes') == [0] else summary['num_pairs']
+        assert len(dataset) == expected, phase
+        assert dataset[0]['gt'].shape == (3, 128, 128)
