@@ -115,3 +115,20 @@ def write_image(path: Path | str, img: np.ndarray) -> None:
     if not cv2.imwrite(str(tmp), img):
         raise OSError(f'could not write {path}')
     tmp.replace(path)
+
+
+def bicubic_resize(img: np.ndarray, factor: float) -> np.ndarray:
+    """Resize a uint8 image by ``factor`` with basicsr's MATLAB-compatible bicubic ``imresize``
+    (float64 in [0, 1], then rounded and clipped back to uint8).
+
+    The output has ``ceil(factor * size)`` pixels per side (basicsr's rule); callers crop if needed.
+    """
+    from basicsr.utils.matlab_functions import imresize  # after cdnsr_plugin's torchvision alias
+    out = imresize(img.astype(np.float64) / 255.0, factor)
+    return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
+    """Crop bottom/right so that height and width are multiples of ``scale``."""
+    height, width = img.shape[:2]
+    return img[:height - height % scale, :width - width % scale]

@@ -33,11 +33,9 @@ import json
 import re
 import shutil
 import time
-from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -48,10 +46,11 @@ from basicsr.utils.matlab_functions import imresize
 from tqdm import tqdm
 
 from cdnsr_plugin.data.difficulty_dataset import LABELS, SUMMARY
-from cdnsr_plugin.data.image_io import SkipImage, Skipped, list_images, read_image
+from cdnsr_plugin.data.image_io import SkipImage, Skipped, bicubic_resize, list_images, mod_crop, read_image
+from cdnsr_plugin.data.parallel import process_map
+from cdnsr_plugin.data.staging import finish_output, start_output
 from cdnsr_plugin.routing.patches import PatchGrid
 
-INCOMPLETE_SUFFIX = '.incomplete'
 FORMAT_VERSION = 1
 
 
@@ -89,20 +88,6 @@ class PrepareOptions:
 # ----------------------------------------------------------------------------------------------
 # Reading and resizing (runs in worker processes)
 
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
-
-
-def bicubic_resize(img: np.ndarray, factor: float) -> np.ndarray:
-    """MATLAB-compatible bicubic resize of a uint8 image (basicsr's ``imresize``)."""
-    return _to_uint8(imresize(img.astype(np.float64) / 255.0, factor))
-
-
-def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
-    height, width = img.shape[:2]
-    return img[:height - height % scale, :width - width % scale]
-
-
 @dataclass
 class LoadedImage:
     """One input photo, as HR/LR pairs at each multiscale factor, or the reason it was skipped."""
@@ -131,20 +116,6 @@ def load_pairs(path: str, scale: int, patch: int, multiscale: Sequence[float]) -
     if not loaded.pairs:
         loaded.skipped = f'no multiscale copy holds one {hr_patch}x{hr_patch} HR patch'
     return loaded
-
-
-def bounded_map(fn: Callable, items: Sequence, executor: Optional[Executor], ahead: int) -> Iterator:
-    """``map(fn, items)`` in order, with at most ``ahead`` results pending (memory stays bounded)."""
-    if executor is None:
-        yield from map(fn, items)
-        return
-    pending: deque[Future] = deque()
-    for item in items:
-        pending.append(executor.submit(fn, item))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,31 +192,6 @@ def class_statistics(psnr: np.ndarray, labels: np.ndarray, num_classes: int) -> 
 # ----------------------------------------------------------------------------------------------
 # The run
 
-def prepare_output_dir(output: Path, overwrite: bool) -> Path:
-    """Refuse an existing output (unless ``overwrite``); clear a stale incomplete one; return the temp dir."""
-    if output.exists() and not overwrite:
-        raise FileExistsError(f'{output} already exists; pass --overwrite to replace it (it is replaced only '
-                              'after the new set is complete) or choose another --output')
-    tmp = output.with_name(output.name + INCOMPLETE_SUFFIX)
-    if tmp.exists():
-        print(f'removing {tmp}, left by an interrupted run')
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def finish_output_dir(tmp: Path, output: Path) -> None:
-    """Rename the complete temp dir to ``output``, replacing an old one only now."""
-    if output.exists():
-        old = output.with_name(output.name + '.old')
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(output)
-
-
 def encode_png(img: np.ndarray, level: int) -> bytes:
     ok, buffer = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, level])
     if not ok:
@@ -298,15 +244,14 @@ def prepare(opts: PrepareOptions, reference: Reference, overwrite: bool = False,
     skipped = Skipped()
     paths = list_images(opts.input, skipped)
     output = Path(opts.output)
-    tmp = prepare_output_dir(output, overwrite)
+    tmp = start_output(output, overwrite, protect=Path(opts.input))
     started = time.time()
     makers = (LmdbMaker(str(tmp / 'lq.lmdb'), compress_level=opts.compress_level),
               LmdbMaker(str(tmp / 'gt.lmdb'), compress_level=opts.compress_level))
     collected = Collected()
-    executor = ProcessPoolExecutor(opts.workers) if opts.workers > 0 else None
     try:
         loader = _Loader(opts.scale, opts.patch, tuple(opts.multiscale))
-        loaded_images = bounded_map(loader, [str(p) for p in paths], executor, ahead=max(2, 2 * opts.workers))
+        loaded_images = process_map(loader, [str(p) for p in paths], opts.workers)
         for index, loaded in enumerate(tqdm(loaded_images, total=len(paths), desc='sub-images', unit='img')):
             if loaded.skipped:
                 skipped.add(loaded.path, loaded.skipped)
@@ -315,8 +260,6 @@ def prepare(opts: PrepareOptions, reference: Reference, overwrite: bool = False,
     finally:
         for maker in makers:
             maker.close()
-        if executor is not None:
-            executor.shutdown(cancel_futures=True)
     if not collected.keys:
         shutil.rmtree(tmp)
         raise ValueError(f'no usable image in {opts.input}; skipped: {skipped.as_dict()}')
@@ -335,7 +278,7 @@ def prepare(opts: PrepareOptions, reference: Reference, overwrite: bool = False,
         write_montage(tmp, summary, tmp / 'montage.png')
         summary['montage'] = 'montage.png'
     (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-    finish_output_dir(tmp, output)
+    finish_output(tmp, output)
     return summary
 
 
