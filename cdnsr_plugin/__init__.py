@@ -9,12 +9,14 @@ alias_functional_tensor()  # must precede the first import of basicsr
 
 import basicsr  # noqa: E402  (after the alias on purpose)
 
-from cdnsr_plugin.compat import use_safe_yaml  # noqa: E402
+from cdnsr_plugin.compat import cpu_distributed, cpu_resume, use_safe_yaml  # noqa: E402
 
 use_safe_yaml()
+cpu_resume()
+cpu_distributed()
 
-from cdnsr_plugin import archs, data  # noqa: E402,F401  (registration side effects)
+from cdnsr_plugin import archs, data, losses, models  # noqa: E402,F401  (registration side effects)
 from cdnsr_plugin.registry import registered_names  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['archs', 'data', 'registered_names', '__version__']
+__all__ = ['archs', 'data', 'losses', 'models', 'registered_names', '__version__']

@@ -11,6 +11,15 @@ monkey-patches third-party code.
   which constructs arbitrary Python objects from tags such as ``!!python/object/apply``. It is
   replaced by a safe loader that keeps basicsr's ordered-dict behaviour, so an option file can
   never execute code. Standard tags (``!!float 2e-4``) still work.
+* ``cpu_resume``: basicsr's ``train.load_resume_state`` maps the saved state onto
+  ``torch.cuda.current_device()``, which fails without a GPU. On a machine without CUDA the
+  plugin's ``load_resume_state`` loads it on the CPU (``weights_only=True``); with CUDA, basicsr's
+  own runs. Effective for ``python -m cdnsr_plugin.train`` (which calls ``basicsr.train``); BasicSR's
+  stock ``basicsr/train.py`` script carries its own copy of the function, so CPU resume needs the
+  plugin's entry.
+* ``cpu_distributed``: basicsr's ``_init_dist_pytorch`` divides the rank by the GPU count and sets
+  a CUDA device. Without CUDA, the process group is initialised with the ``gloo`` backend instead
+  (``torchrun --nproc_per_node 2 -m cdnsr_plugin.train ... --launcher pytorch`` on CPUs).
 """
 from __future__ import annotations
 
@@ -69,3 +78,55 @@ def load_yaml(path: str) -> dict:
     import yaml
     with open(path, encoding='utf-8') as handle:
         return yaml.load(handle, Loader=_safe_ordered_loader())  # noqa: S506 (safe loader)
+
+
+def cpu_resume() -> None:
+    """Let ``basicsr.train.train_pipeline`` resume on machines without CUDA (see module doc)."""
+    import basicsr.train as train
+    import torch
+
+    if getattr(train.load_resume_state, '_cdnsr_cpu', False):
+        return
+    original = train.load_resume_state
+
+    def load_resume_state(opt):
+        if torch.cuda.is_available():
+            return original(opt)
+        import os.path as osp
+
+        from basicsr.utils import scandir
+        from basicsr.utils.misc import check_resume
+        path = opt['path'].get('resume_state')
+        if opt['auto_resume']:
+            folder = osp.join('experiments', opt['name'], 'training_states')
+            states = list(scandir(folder, suffix='state')) if osp.isdir(folder) else []
+            if states:
+                path = osp.join(folder, f"{max(float(v.split('.state')[0]) for v in states):.0f}.state")
+                opt['path']['resume_state'] = path
+        if not path:
+            return None
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        check_resume(opt, state['iter'])
+        return state
+
+    load_resume_state._cdnsr_cpu = True  # type: ignore[attr-defined]
+    train.load_resume_state = load_resume_state
+
+
+def cpu_distributed() -> None:
+    """Initialise ``--launcher pytorch`` runs with gloo when there is no GPU (see module doc)."""
+    from basicsr.utils import dist_util
+
+    if getattr(dist_util._init_dist_pytorch, '_cdnsr_cpu', False):
+        return
+    original = dist_util._init_dist_pytorch
+
+    def _init_dist_pytorch(backend='nccl', **kwargs):
+        import torch
+        import torch.distributed as dist
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return original(backend, **kwargs)
+        dist.init_process_group(backend='gloo', **kwargs)
+
+    _init_dist_pytorch._cdnsr_cpu = True  # type: ignore[attr-defined]
+    dist_util._init_dist_pytorch = _init_dist_pytorch

@@ -185,3 +185,40 @@ def test_patchwise_differs_from_full_image_only_near_seams(identical_branches, l
     assert diff[far].max() < 1e-5
     assert 1e-5 < diff[~far].max() < 0.5
     assert diff[~interior_mask(grid, 4, SEAM_MARGIN - 1)].max() > 1e-3  # and the margin is tight
+
+
+def test_labels_route_each_patch_to_its_branch_and_train_only_that_branch():
+    net = make_net().train()
+    x = patches(9)
+    labels = torch.tensor([0, 2, 1, 0, 2, 2, 1, 0, 0])
+    sr, probs = net(x, labels=labels)
+    assert torch.equal(probs.argmax(1), labels)
+    with torch.no_grad():
+        expected = torch.cat([net.branches[int(k)](x[i:i + 1]) for i, k in enumerate(labels)])
+    assert (sr.detach() - expected).abs().max() < 1e-5
+    (sr[labels == 1]).mean().backward()  # loss on class-1 patches only
+    grads = [sum(p.grad.abs().sum() for p in b.parameters() if p.grad is not None) for b in net.branches]
+    assert grads[1] > 0 and grads[0] == 0 and grads[2] == 0
+    assert net.classifier.lastOut.weight.grad is None
+
+
+@pytest.mark.parametrize('frozen,trained', [('branches', 'classifier'), ('classifier', 'branches')])
+def test_frozen_part_gets_no_gradient(frozen, trained):
+    net = make_net().train()
+    sr, probs = net(patches(4), routing='soft', frozen=frozen)
+    (sr.mean() + probs[:, 0].mean()).backward()
+    parts = {'classifier': net.classifier, 'branches': net.branches}
+    assert all(p.grad is None for p in parts[frozen].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in parts[trained].parameters())
+
+
+def test_return_outputs_gives_every_branch_and_hard_selects_one():
+    x = patches(12)
+    net = brightness_router(make_net(), x)
+    with torch.no_grad():
+        sr, probs, outputs = net(x, routing='hard', return_outputs=True)
+        grouped, _ = net(x, routing='hard')
+    assert len(outputs) == 3 and all(o.shape == sr.shape for o in outputs)
+    assert (sr - grouped).abs().max() < 1e-5
+    for i, k in enumerate(probs.argmax(1).tolist()):
+        assert torch.equal(sr[i], outputs[k][i])

@@ -138,11 +138,16 @@ class CDNSRNet(nn.Module):
         """Class logits, shape (N, M)."""
         return self.classifier(x)
 
-    def mix(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``sum_i weights[:, i] * f_i(x)``: every branch runs on the whole batch."""
+    def branch_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every branch applied to the whole batch."""
+        return [branch(x) for branch in self.branches]
+
+    @staticmethod
+    def mix(outputs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """``sum_i weights[:, i] * outputs[i]`` (ClassSR eq. 1 with ``weights = p``)."""
         out = None
-        for i, branch in enumerate(self.branches):
-            term = weights[:, i].view(-1, 1, 1, 1) * branch(x)
+        for i, y in enumerate(outputs):
+            term = weights[:, i].view(-1, 1, 1, 1) * y
             out = term if out is None else out + term
         return out
 
@@ -170,16 +175,48 @@ class CDNSRNet(nn.Module):
             return x.new_empty((0, x.shape[1], x.shape[2] * self.scale, x.shape[3] * self.scale))
         return out
 
-    def forward(self, x: torch.Tensor, routing: Optional[str] = None,
-                tau: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """SR patches and class probabilities ``softmax(logits)``, shapes (N, C, sh, sw) and (N, M)."""
+    def forward(self, x: torch.Tensor, routing: Optional[str] = None, tau: Optional[float] = None,
+                labels: Optional[torch.Tensor] = None, frozen: Optional[str] = None,
+                return_outputs: bool = False) -> tuple[torch.Tensor, ...]:
+        """SR patches and class probabilities ``softmax(logits)``, shapes (N, C, sh, sw) and (N, M).
+
+        Args:
+            x: LR patches (N, C, h, w).
+            routing: ``soft``, ``gumbel`` or ``hard``; default ``self.routing``.
+            tau: Gumbel temperature; default ``self.tau``.
+            labels: route by these classes (N,) instead of the classifier (``hard`` routing; the
+                returned probabilities are their one-hot vectors). Used to pre-train each branch on
+                its own class and for forced class mixes.
+            frozen: ``'classifier'`` or ``'branches'``: that part runs without autograd (a training
+                stage that freezes it); ``None`` for neither.
+            return_outputs: also return every branch's output on every patch (knowledge
+                distillation); then ``hard`` routing selects among them instead of grouping.
+
+        Returns:
+            ``(sr, probs)``, or ``(sr, probs, outputs)`` with ``return_outputs``.
+        """
         mode = routing or self.routing
         self._check_routing(mode, 'routing')
-        logits = self.classify(x)
-        probs = logits.softmax(dim=1)
-        if mode == 'hard':
-            return self.route(x, logits.argmax(dim=1)), probs
-        if mode == 'soft':
-            return self.mix(x, probs), probs
-        weights = F.gumbel_softmax(logits, tau=self.tau if tau is None else tau, hard=self.hard_gumbel)
-        return self.mix(x, weights), probs
+        if frozen not in (None, 'classifier', 'branches'):
+            raise ValueError(f"frozen must be None, 'classifier' or 'branches', got {frozen!r}")
+        grad = torch.is_grad_enabled()
+        if labels is not None:
+            if mode == 'gumbel':
+                raise ValueError('labels route directly; they cannot be combined with gumbel routing')
+            logits, probs = None, F.one_hot(labels, self.num_classes).to(x.dtype)
+        else:
+            with torch.set_grad_enabled(grad and frozen != 'classifier'):
+                logits = self.classify(x)
+            probs = logits.softmax(dim=1)
+        with torch.set_grad_enabled(grad and frozen != 'branches'):
+            if mode == 'hard' and not return_outputs:
+                return self.route(x, probs.argmax(dim=1) if labels is None else labels), probs
+            outputs = self.branch_outputs(x)
+        if mode == 'soft' or labels is not None:
+            weights = probs
+        elif mode == 'gumbel':
+            weights = F.gumbel_softmax(logits, tau=self.tau if tau is None else tau, hard=self.hard_gumbel)
+        else:
+            weights = F.one_hot(probs.argmax(dim=1), self.num_classes).to(x.dtype)
+        sr = self.mix(outputs, weights)
+        return (sr, probs, outputs) if return_outputs else (sr, probs)

@@ -1,0 +1,6 @@
+"""Models. Every ``*_model.py`` module here is imported for its registration side effect."""
+import importlib
+from pathlib import Path
+
+_modules = [importlib.import_module(f'{__name__}.{path.stem}')
+            for path in sorted(Path(__file__).parent.glob('*_model.py'))]

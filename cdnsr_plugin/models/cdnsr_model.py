@@ -1,0 +1,286 @@
+"""CDNSRModel: BasicSR's SRModel with a staged routing schedule (ClassSR, CDNSR) and routed validation."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+from basicsr.archs import build_network
+from basicsr.losses import build_loss
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import MODEL_REGISTRY
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from cdnsr_plugin.checkpoint import load_weights
+from cdnsr_plugin.losses import AverageLoss, ClassLoss, ContrastiveKDLoss, FLOPsRegLoss, PixelKDLoss
+from cdnsr_plugin.models.stages import Stage, parse_stages, stage_at
+from cdnsr_plugin.registry import register
+from cdnsr_plugin.routing.flops import CostTable, cost_table
+from cdnsr_plugin.routing.inference import routed_super_resolve
+
+PROBABILITY_LOSSES = (ClassLoss, AverageLoss)
+OUTPUT_LOSSES = (PixelKDLoss, ContrastiveKDLoss)
+
+
+@register(MODEL_REGISTRY)
+class CDNSRModel(SRModel):
+    """Routed SR model trained in stages: ClassSR (Sec. 3.7, 3 stages) and CDNSR (Sec. III-D, 4 stages).
+
+    ``network_g`` is a ``CDNSRNet``. ``train.stages`` (see ``cdnsr_plugin/models/stages.py``) lists the
+    stages; the stage of an iteration follows from the iteration number, so a resumed run continues in
+    the right stage. Losses are configured once under ``train.losses`` and weighted per stage:
+
+    * pixel losses (basicsr's ``L1Loss``, ...): on the routed output vs. GT (ClassSR's Image-Loss,
+      CDNSR's L_res);
+    * ``ClassLoss``, ``AverageLoss``: on the class probabilities (ClassSR eqs. 3-4);
+    * ``FLOPsRegLoss``: on the probabilities with the branches' FLOPs at the training patch size
+      (CDNSR eqs. 2-3; ``train.flops_convention``, default ``paper``);
+    * ``PixelKDLoss``, ``ContrastiveKDLoss``: on every branch's output (CDNSR eqs. 7-8).
+
+    Inherited from SRModel unchanged: network building and ``path.pretrain_network_g`` loading,
+    optimizer set-up, EMA, saving, the validation loop and metrics. Overridden: training set-up
+    (stages, losses, part loading), ``feed_data`` (labels), ``optimize_parameters``, ``test`` (routed
+    patch inference, every pixel covered), ``nondist_validation`` (adds routing statistics),
+    ``model_to_device`` (DDP on CPU too) and ``save`` (checks that DDP ranks hold the same weights).
+
+    Extra ``path`` keys: ``pretrain_network_classifier``, ``pretrain_network_branch0`` ... (a plain
+    BasicSR checkpoint such as MSRResNet's fits a branch of that arch), ``param_key_parts``,
+    ``strict_load_parts``. Extra ``val`` keys: ``patch`` (32), ``stride`` (28), ``max_batch`` (256).
+    """
+
+    # ------------------------------------------------------------------ set-up
+    def __init__(self, opt: dict[str, Any]) -> None:
+        super().__init__(opt)
+        if not self.is_train:
+            self._load_parts()
+
+    @property
+    def bare_net(self) -> torch.nn.Module:
+        return self.get_bare_model(self.net_g)
+
+    def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
+        """As BaseModel, but DDP also on CPU (gloo), and with unused parameters allowed: a stage that
+        freezes a part runs it without autograd."""
+        net = net.to(self.device)
+        if self.opt['dist']:
+            device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+            return DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=True)
+        if self.opt['num_gpu'] > 1:
+            return DataParallel(net)
+        return net
+
+    def init_training_settings(self) -> None:
+        self._load_parts()
+        train_opt = self.opt['train']
+        self.losses, errors = self._build_losses(train_opt.get('losses') or {})
+        self.stages, stage_errors = parse_stages(train_opt, set(self.losses))
+        errors += stage_errors + self._check_stage_inputs()
+        if errors:
+            raise ValueError('invalid training options (nothing was trained):\n  - ' + '\n  - '.join(errors))
+        patch = self.opt['datasets']['train'].get('gt_size', 32 * self.opt['scale']) // self.opt['scale']
+        convention = train_opt.get('flops_convention', 'paper')
+        costs = [branch.value(convention) for branch in self.costs(patch).branches]
+        self.branch_costs = torch.tensor(costs, dtype=torch.float64, device=self.device)
+        self.ema_decay = train_opt.get('ema_decay', 0)
+        if self.ema_decay > 0:
+            self.net_g_ema = build_network(self.opt['network_g']).to(self.device)
+            self.model_ema(0)
+            self.net_g_ema.eval()
+        self.net_g.train()
+        self._stage: Optional[Stage] = None
+        self.setup_optimizers()
+        self._fill_scheduler_periods(train_opt)
+        self.setup_schedulers()
+
+    def _build_losses(self, loss_opts: dict) -> tuple[dict[str, torch.nn.Module], list[str]]:
+        losses, errors = {}, []
+        for name, loss_opt in loss_opts.items():
+            try:
+                losses[name] = build_loss(dict(loss_opt)).to(self.device)
+            except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+                errors.append(f'train.losses.{name}: {exc}')
+        return losses, errors
+
+    def _check_stage_inputs(self) -> list[str]:
+        """Stages whose data or routing cannot feed their losses."""
+        errors = []
+        dataset_type = self.opt['datasets']['train'].get('type')
+        for stage in self.stages:
+            key = f'train.stages[{stage.index}] ({stage.name})'
+            if stage.routing == 'labels' and dataset_type != 'DifficultyPairedDataset':
+                errors.append(f'{key} routes by data labels: datasets.train.type must be DifficultyPairedDataset, '
+                              f'got {dataset_type}')
+            needs_probs = [n for n in stage.losses if isinstance(self.losses[n], PROBABILITY_LOSSES + (FLOPsRegLoss, ))]
+            if stage.routing == 'labels' and needs_probs:
+                errors.append(f'{key} routes by labels, so {needs_probs} would see no classifier output')
+            if stage.frozen == 'classifier' and needs_probs:
+                errors.append(f'{key} freezes the classifier, so {needs_probs} cannot train anything')
+        return errors
+
+    def _fill_scheduler_periods(self, train_opt: dict) -> None:
+        """CosineAnnealingRestartLR without ``periods`` restarts at every stage boundary.
+
+        BasicSR steps the scheduler before each iteration, so iteration ``k`` runs at the rate of
+        scheduler step ``k - 1``: the first period is one step shorter than the first stage, which puts
+        every restart (full learning rate) exactly on a stage's first iteration.
+        """
+        scheduler = train_opt.get('scheduler') or {}
+        if scheduler.get('type') == 'CosineAnnealingRestartLR' and 'periods' not in scheduler:
+            periods = [stage.iters for stage in self.stages]
+            periods[0] -= 1
+            if periods[0] == 0:  # a one-iteration first stage runs at the full rate of the next period
+                periods = periods[1:] or [1]
+            weights = [1] * len(periods)
+            scheduler['periods'] = periods
+            scheduler.setdefault('restart_weights', weights)
+
+    def _load_parts(self) -> None:
+        """``path.pretrain_network_classifier`` and ``path.pretrain_network_branch<i>`` (not when resuming).
+
+        The key names follow BasicSR's ``pretrain_network_*`` convention, so its option parsing expands
+        ``~`` in them and does not mistake them for folders to create.
+        """
+        path_opt = self.opt['path']
+        if path_opt.get('resume_state'):
+            return
+        net, logger = self.bare_net, get_root_logger()
+        key, strict = path_opt.get('param_key_parts'), path_opt.get('strict_load_parts', True)
+        parts = {'pretrain_network_classifier': net.classifier}
+        parts.update({f'pretrain_network_branch{i}': branch for i, branch in enumerate(net.branches)})
+        unknown = [k for k in path_opt if k.startswith('pretrain_network_') and k != 'pretrain_network_g'
+                   and k not in parts]
+        if unknown:
+            raise ValueError(f'path.{unknown[0]}: the network has parts {sorted(parts)} only')
+        for name, part in parts.items():
+            if path_opt.get(name):
+                load_weights(part, path_opt[name], key, strict)
+                logger.info(f'Loaded {name[len("pretrain_network_"):]} from {path_opt[name]}')
+
+    def costs(self, patch: int) -> CostTable:
+        """Per-patch cost table of the routed network at LR patch size ``patch`` (cached)."""
+        cache = self.__dict__.setdefault('_cost_tables', {})
+        if patch not in cache:
+            cache[patch] = cost_table(self.bare_net, patch=patch)
+        return cache[patch]
+
+    # ------------------------------------------------------------------ training
+    def feed_data(self, data: dict[str, Any]) -> None:
+        super().feed_data(data)
+        self.labels = data['label'].to(self.device) if 'label' in data else None
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        stage = stage_at(self.stages, current_iter)
+        if stage is not self._stage:
+            get_root_logger().info(f'Stage {stage.index + 1}/{len(self.stages)} "{stage.name}" from iter '
+                                   f'{stage.start} to {stage.end}: training {", ".join(stage.train)}, '
+                                   f'routing {stage.routing}, losses {stage.losses}')
+            self._stage = stage
+        self.optimizer_g.zero_grad(set_to_none=True)
+        tau = stage.tau_at(current_iter)
+        sr, probs, outputs = self._forward(stage, tau)
+        self.output = sr
+        loss_dict: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name, weight in stage.losses.items():
+            loss_dict[f'l_{name}'] = weight * self._loss(self.losses[name], sr, probs, outputs)
+        total = sum(loss_dict.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f'training stopped: the loss is {total.item()} at iter {current_iter} (stage {stage.name}, '
+                f'{ {k: v.item() for k, v in loss_dict.items()} }); nothing was updated, the last saved '
+                f"checkpoint in {self.opt['path']['models']} is the last good one")
+        total.backward()
+        self.optimizer_g.step()
+        loss_dict['l_total'] = total
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        self.log_dict.update(self._routing_log(stage, probs, tau))
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    def _forward(self, stage: Stage, tau: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, Optional[list]]:
+        need_outputs = any(isinstance(self.losses[name], OUTPUT_LOSSES) for name in stage.losses)
+        if stage.routing == 'labels':
+            if self.labels is None:
+                raise ValueError(f'stage {stage.name} routes by labels but the batch has none')
+            result = self.net_g(self.lq, labels=self.labels, return_outputs=need_outputs)
+        else:
+            result = self.net_g(self.lq, routing=stage.routing, tau=tau, frozen=stage.frozen,
+                                return_outputs=need_outputs)
+        return result[0], result[1], (result[2] if need_outputs else None)
+
+    def _loss(self, loss: torch.nn.Module, sr: torch.Tensor, probs: torch.Tensor,
+              outputs: Optional[list]) -> torch.Tensor:
+        if isinstance(loss, PROBABILITY_LOSSES):
+            return loss(probs)
+        if isinstance(loss, FLOPsRegLoss):
+            return loss(probs, self.branch_costs.to(probs.dtype))
+        if isinstance(loss, PixelKDLoss):
+            return loss(outputs)
+        if isinstance(loss, ContrastiveKDLoss):
+            return loss(outputs, self.lq)
+        return loss(sr, self.gt)
+
+    def _routing_log(self, stage: Stage, probs: torch.Tensor, tau: Optional[float]) -> dict[str, float]:
+        """Class shares of the batch (argmax), expected FLOPs as % of the largest branch, tau."""
+        probs = probs.detach()
+        shares = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).double() / probs.shape[0]
+        expected = (probs.double() @ self.branch_costs).mean() / self.branch_costs.max()
+        log = {'stage': float(stage.index + 1), **{f'cls{j}': float(v) for j, v in enumerate(shares)},
+               'flops_pct': 100.0 * float(expected)}
+        if tau is not None:
+            log['tau'] = tau
+        return log
+
+    # ------------------------------------------------------------------ validation
+    def test(self) -> None:
+        """Routed patch inference of the whole LR image (hard routing, every pixel covered)."""
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.bare_net
+        val_opt = self.opt.get('val') or {}
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            sr, labels, _ = routed_super_resolve(net, self.lq, patch=val_opt.get('patch', 32),
+                                                 stride=val_opt.get('stride', 28),
+                                                 max_batch=val_opt.get('max_batch', 256))
+        net.train(was_training)
+        self.output = sr[None]
+        counts = torch.bincount(labels.cpu(), minlength=net.num_classes)
+        self._val_counts = counts if getattr(self, '_val_counts', None) is None else self._val_counts + counts
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        self._val_counts = None
+        super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+        if self._val_counts is not None:
+            self._log_routing(dataloader.dataset.opt['name'], current_iter, tb_logger)
+
+    def _log_routing(self, dataset_name: str, current_iter: Any, tb_logger) -> None:
+        counts = self._val_counts.tolist()
+        table = self.costs((self.opt.get('val') or {}).get('patch', 32))
+        percent = {c: 100.0 * table.routed(counts, c) / table.largest(c) for c in ('paper', 'macs')}
+        shares = ', '.join(f'{100.0 * n / sum(counts):.1f}%' for n in counts)
+        get_root_logger().info(
+            f'Routing on {dataset_name}: patches per class {counts} ({shares}); FLOPs per patch incl. classifier '
+            f"{percent['paper']:.1f}% (paper) / {percent['macs']:.1f}% (MACs) of the largest branch")
+        if tb_logger and isinstance(current_iter, int):
+            for convention, value in percent.items():
+                tb_logger.add_scalar(f'routing/{dataset_name}/flops_pct_{convention}', value, current_iter)
+            for j, n in enumerate(counts):
+                tb_logger.add_scalar(f'routing/{dataset_name}/class{j}_share', n / sum(counts), current_iter)
+        self.last_routing = {'counts': counts, 'flops_pct': percent}
+
+    # ------------------------------------------------------------------ saving
+    def save(self, epoch: int, current_iter: int) -> None:
+        super().save(epoch, current_iter)
+        if self.opt['dist']:
+            self._check_ranks_agree()
+
+    def _check_ranks_agree(self) -> None:
+        """All DDP ranks must hold identical weights; log the check, raise if they diverged."""
+        from mmengine.dist import all_gather
+        params = torch.cat([p.detach().double().flatten() for p in self.bare_net.parameters()])
+        fingerprint = torch.stack([params.sum(), (params * params).sum()])
+        gathered = all_gather(fingerprint)
+        if any(not torch.equal(other, fingerprint) for other in gathered):
+            raise RuntimeError(f'DDP ranks hold different weights: fingerprints {[g.tolist() for g in gathered]}')
+        get_root_logger().info(f'DDP check: weights identical on {len(gathered)} ranks '
+                               f'(sum {fingerprint[0].item():.6f}, sum of squares {fingerprint[1].item():.6f})')

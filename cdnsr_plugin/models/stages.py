@@ -1,0 +1,125 @@
+"""The training schedule: an ordered list of stages (ClassSR Sec. 3.7, CDNSR Sec. III-D).
+
+Option file::
+
+    train:
+      total_iter: 4000                 # must equal the sum of the stages' iters
+      losses:                          # every loss the stages use, by name
+        pixel: {type: L1Loss}
+        flops: {type: FLOPsRegLoss, alpha: 0.55}
+      stages:
+        - {name: pretrain, iters: 1000, losses: {pixel: 1}}
+        - {name: classifier, iters: 1000, routing: gumbel, tau: [1.0, 0.4], losses: {pixel: 1, flops: 2.0e-4}}
+        - ...
+
+A stage's ``train`` (which parts learn) and ``routing`` default by name:
+
+=========== =========================== ======================================================
+name        train                       routing
+=========== =========================== ======================================================
+pretrain    branches                    labels: each patch goes to the branch of its data label
+classifier  classifier                  soft (ClassSR eq. 1) or gumbel (CDNSR eqs. 5-6)
+distill     branches                    hard: the frozen classifier's argmax
+finetune    classifier, branches        soft
+=========== =========================== ======================================================
+
+``tau: [start, min]`` anneals the Gumbel temperature over the stage as
+``max(min, start * (1 - t / T))`` (CDNSR: ``max(0.4, 1 - t/T)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+STAGE_NAMES = ('pretrain', 'classifier', 'distill', 'finetune')
+PARTS = ('classifier', 'branches')
+DEFAULT_TRAIN = {'pretrain': ('branches', ), 'classifier': ('classifier', ), 'distill': ('branches', ),
+                 'finetune': ('classifier', 'branches')}
+DEFAULT_ROUTING = {'pretrain': 'labels', 'classifier': 'soft', 'distill': 'hard', 'finetune': 'soft'}
+ROUTINGS = ('labels', 'soft', 'gumbel', 'hard')
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: iterations ``start .. start + iters - 1`` (1-based, as BasicSR counts)."""
+
+    index: int
+    name: str
+    start: int
+    iters: int
+    train: tuple[str, ...]
+    routing: str
+    losses: dict[str, float]
+    tau: Optional[tuple[float, float]] = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.iters - 1
+
+    @property
+    def frozen(self) -> Optional[str]:
+        """The part that does not learn in this stage, if one."""
+        missing = [part for part in PARTS if part not in self.train]
+        return missing[0] if len(missing) == 1 else None
+
+    def tau_at(self, current_iter: int) -> Optional[float]:
+        if self.tau is None:
+            return None
+        start, minimum = self.tau
+        return max(minimum, start * (1.0 - (current_iter - self.start) / self.iters))
+
+
+def _stage_errors(raw: Any, i: int, loss_names: set[str]) -> list[str]:
+    key = f'train.stages[{i}]'
+    if not isinstance(raw, dict):
+        return [f'{key} must be a mapping with name, iters and losses']
+    errors = []
+    if raw.get('name') not in STAGE_NAMES:
+        errors.append(f"{key}.name {raw.get('name')!r} is not one of {STAGE_NAMES}")
+    if not isinstance(raw.get('iters'), int) or raw['iters'] < 1:
+        errors.append(f"{key}.iters must be a positive integer, got {raw.get('iters')!r}")
+    losses = raw.get('losses')
+    if not isinstance(losses, dict) or not losses:
+        errors.append(f'{key}.losses must map loss names to weights, e.g. {{pixel: 1}}')
+    else:
+        errors += [f'{key}.losses.{name} is not configured in train.losses (configured: {sorted(loss_names)})'
+                   for name in losses if name not in loss_names]
+    parts = raw.get('train')
+    if parts is not None and (not isinstance(parts, list) or not parts or any(p not in PARTS for p in parts)):
+        errors.append(f'{key}.train must list parts among {PARTS}, got {parts!r}')
+    if raw.get('routing', 'soft') not in ROUTINGS:
+        errors.append(f"{key}.routing must be one of {ROUTINGS}, got {raw.get('routing')!r}")
+    tau = raw.get('tau')
+    if tau is not None and (not isinstance(tau, (list, tuple)) or len(tau) != 2 or not 0 < tau[1] <= tau[0]):
+        errors.append(f'{key}.tau must be [start, min] with 0 < min <= start, got {tau!r}')
+    return errors
+
+
+def parse_stages(train_opt: dict, loss_names: set[str]) -> tuple[list[Stage], list[str]]:
+    """Stages from ``train_opt``, and every problem found (empty when valid)."""
+    raws = train_opt.get('stages')
+    if not isinstance(raws, list) or not raws:
+        return [], ['train.stages must be a non-empty list of stages (pretrain, classifier, distill, finetune)']
+    errors = [error for i, raw in enumerate(raws) for error in _stage_errors(raw, i, loss_names)]
+    if errors:
+        return [], errors
+    stages, start = [], 1
+    for i, raw in enumerate(raws):
+        name = raw['name']
+        routing = raw.get('routing', DEFAULT_ROUTING[name])
+        tau = tuple(float(t) for t in raw['tau']) if raw.get('tau') else ((1.0, 0.4) if routing == 'gumbel' else None)
+        stages.append(Stage(i, name, start, raw['iters'], tuple(raw.get('train', DEFAULT_TRAIN[name])), routing,
+                            {k: float(v) for k, v in raw['losses'].items()}, tau))
+        start += raw['iters']
+    total = train_opt.get('total_iter')
+    if total is not None and int(total) != start - 1:
+        errors.append(f'train.total_iter is {total} but the stages add up to {start - 1} iterations')
+    return stages, errors
+
+
+def stage_at(stages: list[Stage], current_iter: int) -> Stage:
+    """The stage that iteration ``current_iter`` (1-based) belongs to; the last one past the end."""
+    for stage in stages:
+        if current_iter <= stage.end:
+            return stage
+    return stages[-1]
