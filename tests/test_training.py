@@ -276,3 +276,27 @@ def test_two_process_cpu_ddp_keeps_ranks_identical(tmp_path, data):
     checks = [line for line in log.splitlines() if 'DDP check: weights identical on 2 ranks' in line]
     assert len(checks) >= 2, result.stdout[-2000:]  # at iteration 4 and 8
     assert 'Stage 4/4 "finetune"' in log and 'Routing on demo_val' in log
+
+
+def test_trained_checkpoint_runs_through_basicsr_test_pipeline_with_routing(tmp_path, data):
+    """``python -m cdnsr_plugin.test`` with model_type CDNSRModel: routed, full-coverage SR images."""
+    train_set, val_set = data
+    opt = demo_options('train_CDNSR_FSRCNN_demo.yml', 'for_test', train_set, val_set, stage_iters=2)
+    run(['-m', 'cdnsr_plugin.train', '-opt', str(write_options(tmp_path / 'train.yml', opt))], cwd=tmp_path)
+    test_opt = {
+        'name': 'routed_test', 'model_type': 'CDNSRModel', 'scale': 4, 'num_gpu': 0,
+        'datasets': {'test_1': dict(opt['datasets']['val'], name='held_out')},
+        'network_g': opt['network_g'],
+        'path': {'pretrain_network_g': str(tmp_path / 'experiments' / 'for_test' / 'models' / 'net_g_latest.pth'),
+                 'strict_load_g': True, 'param_key_g': 'params'},
+        'val': {'save_img': True, 'suffix': None, 'patch': 32, 'stride': 28,
+                'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}},
+    }
+    run(['-m', 'cdnsr_plugin.test', '-opt', str(write_options(tmp_path / 'test.yml', test_opt))], cwd=tmp_path)
+    results = tmp_path / 'results' / 'routed_test'
+    log = read_log(results)
+    assert 'Routing on held_out: patches per class' in log and '# psnr' in log
+    import cv2
+    for hr in sorted((val_set / 'HR').glob('*.png')):
+        sr = cv2.imread(str(results / 'visualization' / 'held_out' / f'{hr.stem}_routed_test.png'))
+        assert sr is not None and sr.shape == cv2.imread(str(hr)).shape  # every pixel, exactly x4

@@ -51,6 +51,7 @@ class CDNSRModel(SRModel):
 
     # ------------------------------------------------------------------ set-up
     def __init__(self, opt: dict[str, Any]) -> None:
+        self._cost_tables: dict[int, CostTable] = {}  # filled by costs(); used during super().__init__
         super().__init__(opt)
         if not self.is_train:
             self._load_parts()
@@ -159,10 +160,9 @@ class CDNSRModel(SRModel):
 
     def costs(self, patch: int) -> CostTable:
         """Per-patch cost table of the routed network at LR patch size ``patch`` (cached)."""
-        cache = self.__dict__.setdefault('_cost_tables', {})
-        if patch not in cache:
-            cache[patch] = cost_table(self.bare_net, patch=patch)
-        return cache[patch]
+        if patch not in self._cost_tables:
+            self._cost_tables[patch] = cost_table(self.bare_net, patch=patch)
+        return self._cost_tables[patch]
 
     # ------------------------------------------------------------------ training
     def feed_data(self, data: dict[str, Any]) -> None:
