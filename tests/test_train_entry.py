@@ -1,10 +1,7 @@
 """BasicSR's stock train.py (run from a checkout-like tree) and the plugin's entries train and test
 plugin archs on a tiny set of real-photo crops, on CPU."""
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import basicsr
@@ -12,6 +9,7 @@ import pytest
 import torch
 
 from cdnsr_plugin.archs.fsrcnn_arch import FSRCNN
+from training_helpers import read_log, run
 
 OPTIONS = """
 name: {name}
@@ -61,17 +59,6 @@ dist_params: {{backend: nccl, port: 29500}}
 def write_options(path: Path, name: str, root: Path, network: str) -> Path:
     path.write_text(OPTIONS.format(name=name, root=root, network=network))
     return path
-
-
-def run(args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
-    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def read_log(folder: Path) -> str:
-    return '\n'.join(path.read_text() for path in folder.glob('*.log'))
 
 
 def test_stock_basicsr_train_script_finds_plugin_arch(tmp_path, paired_folder):
