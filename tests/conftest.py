@@ -47,7 +47,8 @@ def lr_image(photos) -> 'torch.Tensor':
 def paired_folder(tmp_path_factory, photos) -> Path:
     """GT 64x64 crops of real photos and their x4 bicubic LR (basicsr's MATLAB imresize), as PNGs."""
     import cv2
-    from basicsr.utils.matlab_functions import imresize
+
+    from cdnsr_plugin.data.image_io import bicubic_resize
     root = tmp_path_factory.mktemp('pairs')
     (root / 'gt').mkdir()
     (root / 'lq').mkdir()
@@ -56,7 +57,6 @@ def paired_folder(tmp_path_factory, photos) -> Path:
             y = photo.shape[0] // 4 + 64 * j
             x = photo.shape[1] // 4 + 96 * j
             gt = photo[y:y + 64, x:x + 64]
-            lq = imresize(gt.astype(np.float64) / 255.0, 1 / 4)
             cv2.imwrite(str(root / 'gt' / f'{i:02d}_{j}.png'), gt)
-            cv2.imwrite(str(root / 'lq' / f'{i:02d}_{j}.png'), np.clip(lq * 255.0, 0, 255).round().astype(np.uint8))
+            cv2.imwrite(str(root / 'lq' / f'{i:02d}_{j}.png'), bicubic_resize(gt, 1 / 4))
     return root

@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import basicsr
-import pytest
 import torch
 
 from cdnsr_plugin.archs.fsrcnn_arch import FSRCNN

@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 import yaml
-from basicsr.utils.matlab_functions import imresize
 
 from cdnsr_plugin.compat import load_yaml
+from cdnsr_plugin.data.image_io import bicubic_resize
 from cdnsr_plugin.data.prepare import PrepareOptions, build_reference, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +35,8 @@ def make_val_set(root: Path, photos: list) -> Path:
     for i, photo in enumerate(photos[-2:]):
         y, x = photo.shape[0] // 2, photo.shape[1] // 2
         gt = photo[y:y + 96, x:x + 120]
-        lq = np.clip(imresize(gt / 255.0, 0.25) * 255, 0, 255).round().astype(np.uint8)
         cv2.imwrite(str(root / 'HR' / f'v{i}.png'), gt)
-        cv2.imwrite(str(root / 'LR_bicubic' / 'X4' / f'v{i}.png'), lq)
+        cv2.imwrite(str(root / 'LR_bicubic' / 'X4' / f'v{i}.png'), bicubic_resize(gt, 0.25))
     return root
 
 

@@ -15,7 +15,7 @@ import sys
 import cdnsr_plugin  # noqa: F401  (torchvision alias, registries)
 import torch
 import yaml
-from cdnsr_plugin.data.prepare import REFERENCE_HELP, PrepareOptions, build_reference, prepare
+from cdnsr_plugin.data.prepare import PrepareOptions, build_reference, prepare
 
 
 def parse_factors(text: str) -> tuple:

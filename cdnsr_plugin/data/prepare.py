@@ -42,7 +42,6 @@ import numpy as np
 import torch
 from basicsr.metrics.psnr_ssim import calculate_psnr_pt
 from basicsr.utils.lmdb_util import LmdbMaker
-from basicsr.utils.matlab_functions import imresize
 from tqdm import tqdm
 
 from cdnsr_plugin.data.difficulty_dataset import LABELS, SUMMARY
