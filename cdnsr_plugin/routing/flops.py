@@ -206,3 +206,26 @@ def format_table(table: CostTable) -> str:
     lines.append('paper = 2 x weight MACs, transposed convs on the output grid (ClassSR/CDNSR tables); '
                  'MACs = ptflops, transposed convs on the input grid (what the hardware runs).')
     return '\n'.join(lines)
+
+
+def full_image_cost(net: nn.Module, height: int, width: int, probe: int = 32, num_in_ch: int = 3) -> dict[str, float]:
+    """Cost of ``net`` on a whole ``height x width`` image, both conventions, without running it.
+
+    A convolutional SR network costs ``a * pixels + b``: every convolution does the same work per output
+    pixel, and the few size-independent terms (e.g. RCAN's channel attention on pooled 1x1 maps) make
+    ``b``. Both are measured with ptflops at ``probe`` and ``2 * probe`` and extrapolated, so an 8K image
+    is never run through the counter.
+
+    Returns:
+        ``{'paper': flops, 'macs': macs}`` for one forward pass on the whole image.
+    """
+    small, large = probe * probe, 4 * probe * probe
+    at_small = measure(net, 'probe', (num_in_ch, probe, probe))
+    at_large = measure(net, 'probe', (num_in_ch, 2 * probe, 2 * probe))
+    pixels = height * width
+    result = {}
+    for convention in CONVENTIONS:
+        a = (at_large.value(convention) - at_small.value(convention)) / (large - small)
+        b = at_small.value(convention) - a * small
+        result[convention] = a * pixels + b
+    return result

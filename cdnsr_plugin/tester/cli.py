@@ -1,0 +1,43 @@
+"""``python tools/test_patches.py`` (console script ``cdnsr-test-patches``): see ``tester.config`` for the
+options and ``tester.run`` for what a run does.
+
+Exit status: 0 when every image was processed, 1 when some failed (they are listed at the end and in
+report.json), 2 when the options, network or checkpoint are wrong (nothing was processed).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import cdnsr_plugin  # noqa: F401  (registers the plugin's archs before the network is built)
+from cdnsr_plugin.tester import report as reporting
+from cdnsr_plugin.tester.config import from_args
+from cdnsr_plugin.tester.run import Runner, sweep_series
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        cfg = from_args(argv)
+        runner = Runner(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    report = runner.run()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    written = list(reporting.write_report(cfg.out, report))
+    if sum(s['kind'] == 'routed' for s in report['settings']) > 1:
+        series = sweep_series(report, cfg.convention)
+        if series:
+            written.append(reporting.plot_psnr_flops(series, cfg.out / 'psnr_flops.png', cfg.convention,
+                                                     title=f'{cfg.name}: PSNR (Y) vs FLOPs per patch'))
+    print(reporting.format_summary(report))
+    first = report['settings'][0]['images'] if report['settings'] else []
+    if first and first[0]['sr_path']:
+        print(f'SR images and class maps: {Path(first[0]["sr_path"]).parent}/ (e.g. {first[0]["overlay_path"]})')
+    print('Reports: ' + ', '.join(str(path) for path in written))
+    return 1 if report['failures'] else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

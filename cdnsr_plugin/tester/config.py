@@ -1,0 +1,267 @@
+"""What ``tools/test_patches.py`` runs: read from a BasicSR test option file or from plain flags.
+
+Option-file mode reads BasicSR's test option layout (``datasets.test_*.dataroot_gt/dataroot_lq``,
+``network_g``, ``path.pretrain_network_g``/``param_key_g``/``strict_load_g``, ``val``), so one file
+serves both ``python tools/test_patches.py -opt X`` and BasicSR's own ``basicsr/test.py``. The
+tester's extra keys live under ``val`` (``patch``, ``stride``, ``max_batch``, ``router``,
+``router_file``, ``eta``, ``budget``, ``sweep``, ``compare_backbone``); a command-line flag overrides
+the file.
+
+Direct mode: ``--input LR_DIR [--gt HR_DIR] --checkpoint CKPT --scale 4``. The network comes from
+``--network`` (an option file with ``network_g``) or, by default, from the option file BasicSR copied
+into the checkpoint's experiment folder (``experiments/<name>/models/x.pth`` -> ``experiments/<name>/*.yml``).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from cdnsr_plugin.compat import load_yaml
+from cdnsr_plugin.tester.engine import DEFAULT_MAX_BATCH, PRECISIONS
+
+DEFAULT_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+ROUTERS = ('classifier', 'laplacian')
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One test set: LR folder, optional GT folder, and how GT names map to LR names."""
+
+    name: str
+    lq: Path
+    gt: Optional[Path] = None
+    filename_tmpl: str = '{}'
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One routing decision rule applied to every image."""
+
+    name: str
+    kind: str = 'routed'  # routed | backbone-full | backbone-patch
+    eta: Optional[float] = None
+    budget: Optional[float] = None
+
+
+@dataclass
+class TestConfig:
+    """Everything a run needs, validated before any image is read."""
+
+    name: str
+    out: Path
+    scale: Optional[int]
+    network: dict
+    checkpoint: Optional[Path]
+    datasets: list[DatasetSpec]
+    parts: dict[str, Path] = field(default_factory=dict)  # pretrain_network_branch<i> / _classifier -> file
+    param_key: Optional[str] = None
+    strict: bool = True
+    patch: int = 32
+    stride: int = 28
+    max_batch: int = DEFAULT_MAX_BATCH
+    channels_last: bool = True
+    precision: str = 'fp32'
+    device: str = 'auto'
+    threads: Optional[int] = None
+    router: str = 'classifier'
+    router_file: Optional[Path] = None
+    fit_router: Optional[Path] = None
+    settings: list[Setting] = field(default_factory=list)
+    compare_backbone: bool = False
+    convention: str = 'paper'
+    save_images: bool = True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='test_patches.py', description='Routed, full-coverage patch-wise SR with reports, class maps and a '
+        'cost knob. Either -opt TEST_OPTIONS.yml, or --input LR_DIR [--gt HR_DIR] --checkpoint CKPT --scale S.')
+    source = parser.add_argument_group('what to test')
+    source.add_argument('-opt', help='BasicSR test option file (datasets, network_g, path, val)')
+    source.add_argument('--input', type=Path, help='folder of LR images (direct mode)')
+    source.add_argument('--gt', type=Path, help='folder of HR images named like the LR ones (direct mode)')
+    source.add_argument('--checkpoint', type=Path, help='weights (.pth); overrides path.pretrain_network_g')
+    source.add_argument('--branches', help='comma-separated branch checkpoints, smallest first (e.g. with '
+                        '--router laplacian when no classifier was trained); loaded after --checkpoint')
+    source.add_argument('--network', type=Path, help='option file with network_g (direct mode; default: the '
+                        'option file BasicSR saved in the checkpoint\'s experiment folder)')
+    source.add_argument('--scale', type=int, help='upscaling factor (checked against the network)')
+    source.add_argument('--name', help='run name (default: from the option file, else the LR folder name)')
+    source.add_argument('--out', type=Path, help='results folder (default: results/<name>)')
+    engine = parser.add_argument_group('engine')
+    engine.add_argument('--patch', type=int, help='LR tile side (default 32)')
+    engine.add_argument('--stride', type=int, help='step between tiles (default 28)')
+    engine.add_argument('--max-batch', type=int, help=f'largest batch per branch pass (default {DEFAULT_MAX_BATCH})')
+    engine.add_argument('--no-channels-last', action='store_true', help='keep the default memory format')
+    engine.add_argument('--precision', choices=sorted(PRECISIONS), help='fp16/bf16 need CUDA (default fp32)')
+    engine.add_argument('--device', help='cpu, cuda, cuda:1 or auto (default: option num_gpu, else auto)')
+    engine.add_argument('--threads', type=int, help='CPU threads for torch (default: torch\'s choice)')
+    routing = parser.add_argument_group('routing and the cost knob')
+    routing.add_argument('--router', choices=ROUTERS, help='learned classifier (default) or the training-free '
+                         'Laplacian router')
+    routing.add_argument('--router-file', type=Path, help='Laplacian router thresholds (JSON from --fit-router)')
+    routing.add_argument('--fit-router', type=Path, help='prepared set (tools/prepare_data.py output) to fit '
+                         'the Laplacian router on; saved as <out>/laplacian_router.json')
+    knob = routing.add_mutually_exclusive_group()
+    knob.add_argument('--eta', type=float, help='route by argmax_j(log p_j - eta * C_j / C_max); 0 = argmax')
+    knob.add_argument('--budget', type=float, help='FLOPs per patch as a fraction of the largest branch, '
+                      'e.g. 0.5; eta is solved per image')
+    knob.add_argument('--sweep', nargs='?', const=','.join(map(str, DEFAULT_SWEEP)),
+                      help='comma-separated budgets (default %(const)s) plus argmax; draws the PSNR-FLOPs curve')
+    routing.add_argument('--convention', choices=('paper', 'macs'), help='FLOPs convention of --budget '
+                         '(default paper)')
+    routing.add_argument('--compare-backbone', action='store_true', help='also run the largest branch on the full '
+                         'image and patch-wise, and print routed/backbone ratios')
+    parser.add_argument('--no-save-images', action='store_true', help='write reports only')
+    return parser
+
+
+def _pick(flag: Any, option: Any, default: Any) -> Any:
+    if flag is not None:
+        return flag
+    return default if option is None else option
+
+
+def _dataset_specs(opt: dict, source: str) -> list[DatasetSpec]:
+    specs = []
+    for phase, data in (opt.get('datasets') or {}).items():
+        key = f'{source}: datasets.{phase}'
+        if not isinstance(data, dict):
+            raise ValueError(f'{key} must be a mapping with dataroot_lq (and dataroot_gt)')
+        backend = (data.get('io_backend') or {}).get('type', 'disk')
+        if backend != 'disk':
+            raise ValueError(f'{key}.io_backend is {backend!r}: the tester reads image folders (io_backend: '
+                             '{type: disk}); make folders with tools/make_test_sets.py')
+        if not data.get('dataroot_lq'):
+            raise ValueError(f'{key} has no dataroot_lq (the folder of LR images)')
+        gt = data.get('dataroot_gt')
+        specs.append(DatasetSpec(str(data.get('name', phase)), Path(data['dataroot_lq']).expanduser(),
+                                 Path(gt).expanduser() if gt else None, data.get('filename_tmpl', '{}')))
+    if not specs:
+        raise ValueError(f'{source} has no datasets: add datasets.test_1 with dataroot_lq (and dataroot_gt)')
+    return specs
+
+
+def network_options(path: Path) -> dict:
+    """``network_g`` of an option file; a clear error if there is none."""
+    if not path.is_file():
+        raise FileNotFoundError(f'network option file {path} does not exist')
+    opt = load_yaml(str(path))
+    if not isinstance(opt, dict) or not isinstance(opt.get('network_g'), dict):
+        raise ValueError(f'{path} has no network_g section; pass an option file such as '
+                         'options/net_CDNSR_FSRCNN_x4.yml with --network')
+    return dict(opt['network_g'])
+
+
+def find_experiment_options(checkpoint: Path) -> Path:
+    """The option file BasicSR copied into ``experiments/<name>/`` for a checkpoint in ``models/``."""
+    folder = checkpoint.resolve().parent
+    candidates = sorted(folder.parent.glob('*.yml')) if folder.name == 'models' else []
+    for candidate in candidates:
+        opt = load_yaml(str(candidate))
+        if isinstance(opt, dict) and isinstance(opt.get('network_g'), dict):
+            return candidate
+    raise FileNotFoundError(f'cannot tell the network of {checkpoint}: it is not in a BasicSR experiment folder '
+                            'with its option file; pass --network options/net_CDNSR_<backbone>_x4.yml (or the '
+                            'training option file)')
+
+
+def _settings(args: argparse.Namespace, val: dict, router: str) -> list[Setting]:
+    eta = _pick(args.eta, val.get('eta'), None)
+    budget = _pick(args.budget, val.get('budget'), None)
+    sweep = _pick(args.sweep, val.get('sweep'), None)
+    if sum(v is not None for v in (eta, budget, sweep)) > 1:
+        raise ValueError('choose one of eta, budget and sweep (flags or val keys)')
+    if router == 'laplacian':
+        if any(v is not None for v in (eta, budget, sweep)):
+            raise ValueError('--eta/--budget/--sweep trade the learned classifier\'s probabilities against cost; '
+                             'the Laplacian router has none: drop them or use --router classifier')
+        settings = [Setting('laplacian')]
+    elif sweep is not None:
+        budgets = _parse_budgets(sweep)
+        settings = [Setting('argmax', eta=0.0)] + [Setting(f'budget={b:.2f}', budget=b) for b in budgets]
+    elif budget is not None:
+        if not 0 < float(budget) <= 1.5:
+            raise ValueError(f'budget must be a fraction of the largest branch\'s cost such as 0.5, got {budget}')
+        settings = [Setting(f'budget={float(budget):.2f}', budget=float(budget))]
+    elif eta is not None:
+        settings = [Setting(f'eta={float(eta):g}', eta=float(eta))]
+    else:
+        settings = [Setting('argmax', eta=0.0)]
+    if args.compare_backbone or val.get('compare_backbone'):
+        settings += [Setting('backbone full image', 'backbone-full'), Setting('backbone patch-wise', 'backbone-patch')]
+    return settings
+
+
+def _parse_budgets(text: Any) -> list[float]:
+    values = text if isinstance(text, (list, tuple)) else str(text).split(',')
+    try:
+        budgets = [float(v) for v in values if str(v).strip()]
+    except ValueError as exc:
+        raise ValueError(f'sweep must be comma-separated budgets such as 0.3,0.5,0.7, got {text!r}') from exc
+    if not budgets or any(not 0 < b <= 1.5 for b in budgets):
+        raise ValueError(f'sweep budgets must be fractions in (0, 1.5], got {text!r}')
+    return budgets
+
+
+def from_args(argv: Optional[list[str]] = None) -> TestConfig:
+    """Parse the command line (and the option file it names) into a validated ``TestConfig``."""
+    args = build_parser().parse_args(argv)
+    if bool(args.opt) == bool(args.input):
+        raise ValueError('give either -opt TEST_OPTIONS.yml or --input LR_DIR (direct mode), not both or neither')
+    if args.opt:
+        opt = load_yaml(args.opt)
+        if not isinstance(opt, dict):
+            raise ValueError(f'{args.opt} is not a mapping of options')
+        datasets = _dataset_specs(opt, args.opt)
+        network = dict(opt.get('network_g') or {})
+        if not network:
+            raise ValueError(f'{args.opt} has no network_g section')
+        path_opt = opt.get('path') or {}
+        checkpoint = args.checkpoint or (Path(path_opt['pretrain_network_g']).expanduser()
+                                         if path_opt.get('pretrain_network_g') else None)
+        name, scale, val = args.name or opt.get('name') or Path(args.opt).stem, opt.get('scale'), opt.get('val') or {}
+        param_key, strict = path_opt.get('param_key_g'), path_opt.get('strict_load_g', True)
+        parts = {k: Path(v).expanduser() for k, v in path_opt.items()
+                 if k.startswith('pretrain_network_') and k != 'pretrain_network_g' and v}
+        num_gpu = opt.get('num_gpu')
+        device = args.device or ('cpu' if num_gpu == 0 else 'auto')
+    else:
+        if args.checkpoint is None and not (args.branches and args.network):
+            raise ValueError('direct mode needs --checkpoint CKPT (the trained weights, e.g. '
+                             'experiments/<name>/models/net_g_latest.pth), or --network NET.yml with --branches')
+        datasets = [DatasetSpec(args.input.name or 'input', args.input, args.gt)]
+        network = network_options(args.network or find_experiment_options(args.checkpoint))
+        parts = {}
+        checkpoint, name, scale, val = args.checkpoint, args.name or args.input.name, args.scale, {}
+        param_key, strict, device = None, True, args.device or 'auto'
+    if args.scale is not None:
+        scale = args.scale
+    if args.branches:
+        parts.update({f'pretrain_network_branch{i}': Path(p.strip()).expanduser()
+                      for i, p in enumerate(args.branches.split(','))})
+    router = _pick(args.router, val.get('router'), 'classifier')
+    if router not in ROUTERS:
+        raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
+    router_file = args.router_file or (Path(val['router_file']) if val.get('router_file') else None)
+    if router == 'laplacian' and not (router_file or args.fit_router):
+        raise ValueError('the Laplacian router needs thresholds: --router-file FILE.json, or --fit-router '
+                         'PREPARED_SET (the tools/prepare_data.py output with labels.txt)')
+    if checkpoint is None and not parts:
+        raise ValueError('no weights: set path.pretrain_network_g in the option file or pass --checkpoint CKPT')
+    if checkpoint is None and router == 'classifier' and 'pretrain_network_classifier' not in parts:
+        raise ValueError('routing by the learned classifier needs its weights: --checkpoint CKPT (or '
+                         'path.pretrain_network_classifier); without a trained classifier use --router laplacian')
+    return TestConfig(
+        name=str(name), out=args.out or Path('results') / str(name), scale=scale, network=network,
+        checkpoint=checkpoint, datasets=datasets, parts=parts, param_key=param_key, strict=bool(strict),
+        patch=_pick(args.patch, val.get('patch'), 32), stride=_pick(args.stride, val.get('stride'), 28),
+        max_batch=_pick(args.max_batch, val.get('max_batch'), DEFAULT_MAX_BATCH),
+        channels_last=not args.no_channels_last and val.get('channels_last', True),
+        precision=_pick(args.precision, val.get('precision'), 'fp32'), device=device, threads=args.threads,
+        router=router, router_file=router_file, fit_router=args.fit_router, settings=_settings(args, val, router),
+        compare_backbone=bool(args.compare_backbone or val.get('compare_backbone')),
+        convention=_pick(args.convention, val.get('convention'), 'paper'),
+        save_images=not args.no_save_images and val.get('save_img', True) is not False)

@@ -1,0 +1,256 @@
+"""The routed inference engine behind ``tools/test_patches.py`` and ``tools/benchmark.py``.
+
+One image goes through three named steps, each streaming over chunks of tiles so memory stays
+bounded for 8K outputs (tiles are cut from the LR image chunk by chunk, and SR tiles are added to a
+``PatchMerger`` as soon as they exist; no list of all SR tiles is ever held):
+
+1. ``classify``: the classifier's logits for every tile (one batched pass per chunk). Cheap, and kept,
+   so that several routing settings (``--eta``, ``--budget``, ``--sweep``) reuse one classification.
+2. a decision turns logits into one class per tile (argmax, the cost knob, a training-free router, a
+   forced mix) -- see ``cdnsr_plugin.routing.routers``;
+3. ``render``: each chunk's tiles are grouped by class and every branch runs once per group, in
+   batches of at most ``max_batch`` (``CDNSRNet.route``); the SR tiles are merged with the uniform
+   weight map. ``render_loop`` is ClassSR's tester (one tile per forward pass), kept as the reference
+   that the batched engine must reproduce and as the baseline ``tools/benchmark.py`` times.
+
+Baselines on the same input: ``backbone_patchwise`` (every tile through the largest branch, no
+classifier) and ``backbone_full`` (the largest branch on the whole image, no tiling).
+
+Speed settings: ``torch.inference_mode``; ``channels_last`` memory format (about 1.6x faster for
+convolutions on CPU, see DESIGN.md's measurements; the result is the same to float rounding);
+``precision`` ``fp16``/``bf16`` on CUDA only (CPU half-precision convolutions are slower than fp32);
+the merge always accumulates in float32.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from cdnsr_plugin.routing.inference import super_resolve_patches
+from cdnsr_plugin.routing.patches import PatchGrid, extract
+
+PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+# Largest batch per branch forward pass. Measured with tools/benchmark.py (README, "Choosing --max-batch"):
+# on 2 CPU threads 32-128 are within noise of each other for FSRCNN/CARN/SRResNet branches, while
+# batches of ~1000 tiles are slower (their feature maps leave the cache) and need GBs for SRResNet.
+DEFAULT_MAX_BATCH = 64
+DEFAULT_CHUNK = 1024  # tiles cut, classified and merged per step
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine tiles and runs an image.
+
+    Args:
+        patch: LR tile side (the papers: 32).
+        stride: step between tiles (the papers: 28); tiles cover every pixel.
+        max_batch: largest number of tiles per branch forward pass.
+        chunk: tiles cut from the image and merged per step (bounds memory).
+        channels_last: run convolutions in channels-last memory format.
+        precision: ``fp32``, or ``fp16`` / ``bf16`` on CUDA.
+    """
+
+    patch: int = 32
+    stride: int = 28
+    max_batch: int = DEFAULT_MAX_BATCH
+    chunk: int = DEFAULT_CHUNK
+    channels_last: bool = True
+    precision: str = 'fp32'
+
+    def validate(self, device: torch.device) -> None:
+        for name in ('patch', 'stride', 'max_batch', 'chunk'):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        if self.stride > self.patch:
+            raise ValueError(f'stride ({self.stride}) must be <= patch ({self.patch}) or pixels would be left out')
+        if self.precision not in PRECISIONS:
+            raise ValueError(f'precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}')
+        if self.precision != 'fp32' and device.type != 'cuda':
+            raise ValueError(f'precision {self.precision} needs a CUDA device (this run uses {device}); '
+                             'use --precision fp32 on CPU')
+
+
+class RoutedEngine:
+    """Classify, route and merge whole images with a ``CDNSRNet`` (see the module docstring).
+
+    Args:
+        net: the routed container (its classifier and branches); put in eval mode and moved to
+            ``device``, converted to the memory format and precision of ``options``.
+        options: tiling and speed settings.
+        device: where to run; default: the device of ``net``'s parameters.
+
+    Examples:
+        >>> engine = RoutedEngine(net, EngineOptions(max_batch=64))
+        >>> logits, grid = engine.classify(lr)                 # lr: (3, H, W) in [0, 1]
+        >>> sr = engine.render(lr, logits.argmax(1), grid)    # (3, 4H, 4W)
+    """
+
+    def __init__(self, net: nn.Module, options: EngineOptions = EngineOptions(),
+                 device: Optional[torch.device | str] = None) -> None:
+        self.device = torch.device(device) if device is not None else next(net.parameters()).device
+        options.validate(self.device)
+        self.options = options
+        self.dtype = PRECISIONS[options.precision]
+        memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+        self.net = net.eval().to(device=self.device, dtype=self.dtype, memory_format=memory_format)
+        self.scale, self.num_classes = net.scale, net.num_classes
+
+    # ------------------------------------------------------------------ helpers
+    def _prepare(self, tiles: torch.Tensor) -> torch.Tensor:
+        tiles = tiles.to(device=self.device, dtype=self.dtype)
+        if self.options.channels_last:
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        return tiles
+
+    def _image(self, lr: torch.Tensor) -> torch.Tensor:
+        image = lr[0] if lr.dim() == 4 else lr
+        if image.dim() != 3:
+            raise ValueError(f'lr must be (C, H, W) or (1, C, H, W), got {tuple(lr.shape)}')
+        return image.to(self.device)
+
+    def grid(self, lr: torch.Tensor) -> PatchGrid:
+        """The tile layout of ``lr`` (every pixel covered)."""
+        image = self._image(lr)
+        return PatchGrid.for_image(image.shape[-2], image.shape[-1], self.options.patch, self.options.stride)
+
+    def map_tiles(self, lr: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+                  grid: Optional[PatchGrid] = None) -> torch.Tensor:
+        """``fn`` applied to every tile of ``lr`` chunk by chunk, results concatenated in grid order."""
+        image = self._image(lr)
+        grid = grid or self.grid(image)
+        with torch.inference_mode():
+            parts = [fn(extract(image, grid, index)) for index in torch.arange(len(grid)).split(self.options.chunk)]
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ steps
+    def classify(self, lr: torch.Tensor, grid: Optional[PatchGrid] = None) -> tuple[torch.Tensor, PatchGrid]:
+        """Classifier logits of every tile, float32 (N, M), on the CPU; and the grid."""
+        grid = grid or self.grid(lr)
+        logits = self.map_tiles(lr, lambda tiles: self.net.classify(self._prepare(tiles)).float().cpu(), grid)
+        return logits, grid
+
+    def render(self, lr: torch.Tensor, labels: torch.Tensor, grid: Optional[PatchGrid] = None) -> torch.Tensor:
+        """SR image (C, H*scale, W*scale), float32, with tile ``k`` run by branch ``labels[k]``."""
+        image = self._image(lr)
+        grid = grid or self.grid(image)
+        labels = self._check_labels(labels, grid)
+        done = [0]
+
+        def sr_fn(tiles: torch.Tensor) -> torch.Tensor:
+            chunk_labels = labels[done[0]:done[0] + len(tiles)].to(self.device)
+            done[0] += len(tiles)
+            return self.net.route(self._prepare(tiles), chunk_labels, max_batch=self.options.max_batch).float()
+
+        with torch.inference_mode():
+            sr, _ = super_resolve_patches(image, sr_fn, self.scale, self.options.patch, self.options.stride,
+                                          self.options.chunk)
+        return sr
+
+    def render_loop(self, lr: torch.Tensor, labels: torch.Tensor, grid: Optional[PatchGrid] = None) -> torch.Tensor:
+        """As ``render``, but one tile per forward pass (ClassSR's tester): the reference and baseline."""
+        image = self._image(lr)
+        grid = grid or self.grid(image)
+        labels = self._check_labels(labels, grid)
+        done = [0]
+
+        def sr_fn(tiles: torch.Tensor) -> torch.Tensor:
+            chunk_labels = labels[done[0]:done[0] + len(tiles)].tolist()
+            done[0] += len(tiles)
+            tiles = self._prepare(tiles)
+            return torch.cat([self.net.branches[j](tiles[i:i + 1]) for i, j in enumerate(chunk_labels)]).float()
+
+        with torch.inference_mode():
+            sr, _ = super_resolve_patches(image, sr_fn, self.scale, self.options.patch, self.options.stride,
+                                          self.options.chunk)
+        return sr
+
+    def backbone_patchwise(self, lr: torch.Tensor, grid: Optional[PatchGrid] = None) -> torch.Tensor:
+        """Every tile through the largest (last) branch, batched; no classifier."""
+        grid = grid or self.grid(lr)
+        return self.render(lr, torch.full((len(grid), ), self.num_classes - 1, dtype=torch.long), grid)
+
+    def backbone_full(self, lr: torch.Tensor) -> torch.Tensor:
+        """The largest branch on the whole image at once (no tiles, no seams)."""
+        image = self._prepare(self._image(lr)[None])
+        with torch.inference_mode():
+            return self.net.branches[-1](image)[0].float()
+
+    def _check_labels(self, labels: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.numel() != len(grid):
+            raise ValueError(f'labels has {labels.numel()} entries but the image has {len(grid)} tiles')
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f'labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}')
+        return labels
+
+
+# ---------------------------------------------------------------------- measuring
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb() -> Optional[float]:
+    try:
+        with open('/proc/self/statm', encoding='ascii') as handle:
+            return int(handle.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Measurement:
+    """Wall time and peak memory of a block; see ``measure``."""
+
+    seconds: float = 0.0
+    peak_memory_mb: Optional[float] = None
+    memory_kind: str = ''
+
+
+@contextmanager
+def measure(device: torch.device, interval: float = 0.005) -> Iterator[Measurement]:
+    """Time a block (CUDA synchronised) and record its peak memory.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (tensors), reset at entry. On the CPU: the process's
+    peak resident set size while the block ran (what a user's machine must have), sampled from
+    ``/proc/self/statm`` every ``interval`` s by a background thread; ``None`` where /proc is missing.
+    """
+    result = Measurement()
+    stop = threading.Event()
+    peak = [_rss_mb()]
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            value = _rss_mb()
+            if value is not None and (peak[0] is None or value > peak[0]):
+                peak[0] = value
+
+    sampler = None
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        result.memory_kind = 'cuda_allocated'
+    elif peak[0] is not None:
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        result.memory_kind = 'process_rss'
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        synchronize(device)
+        result.seconds = time.perf_counter() - start
+        stop.set()
+        if sampler is not None:
+            sampler.join()
+            final = _rss_mb()
+            result.peak_memory_mb = max(v for v in (peak[0], final) if v is not None)
+        elif device.type == 'cuda':
+            result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20

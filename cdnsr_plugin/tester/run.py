@@ -1,0 +1,336 @@
+"""Run a ``TestConfig``: every image of every set under every routing setting, then the reports.
+
+Steps per image (each a function below): read LR (and GT, checked to be exactly ``scale`` x LR) ->
+classify every tile once -> per setting: decide classes (argmax / eta / budget / Laplacian router /
+backbone), render, time it, score it (BasicSR's PSNR/SSIM, RGB and Y, ``crop_border = scale``),
+count its FLOPs -> write the SR image and class map of the first setting. A file that cannot be used
+is recorded in ``failures`` with the reason and the run goes on; the exit status is non-zero if any
+image failed.
+
+FLOPs accounting (per image, both conventions): a routed setting costs ``sum_j counts_j * (C_cls + C_j)``
+(the classifier runs on every tile; the Laplacian router's ~8 MACs per pixel replace it);
+``backbone patch-wise`` costs ``N * C_largest``; ``backbone full image`` costs the largest branch on the
+whole image, extrapolated exactly from two probe sizes (``routing.flops.full_image_cost``), i.e. without
+the ``(32/28)^2`` overlap of tiles. ``per_patch`` divides every total by the same tile count ``N``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from basicsr.archs import build_network
+from basicsr.metrics import calculate_psnr, calculate_ssim
+from basicsr.utils import img2tensor, tensor2img
+from tqdm import tqdm
+
+from cdnsr_plugin.checkpoint import load_weights
+from cdnsr_plugin.data.image_io import SkipImage, Skipped, list_images, read_image, write_image
+from cdnsr_plugin.routing.flops import CONVENTIONS, CostTable, cost_table, full_image_cost
+from cdnsr_plugin.routing.routers import LaplacianRouter, cost_aware_labels, solve_budget
+from cdnsr_plugin.tester import report as reporting
+from cdnsr_plugin.tester.config import DatasetSpec, Setting, TestConfig
+from cdnsr_plugin.tester.engine import EngineOptions, RoutedEngine, measure
+
+LAPLACIAN_MACS_PER_PIXEL = 8  # Y conversion (3) + 5-tap Laplacian; 'paper' counts 2x
+
+
+class ImageFailure(Exception):
+    """An image that cannot be processed; the message says why and what to do."""
+
+
+@dataclass
+class LoadedPair:
+    path: Path
+    lr: torch.Tensor  # (3, h, w) RGB in [0, 1]
+    gt: Optional[np.ndarray]  # uint8 BGR, exactly scale x LR
+    notes: list[str]
+
+
+# ---------------------------------------------------------------------- set-up
+def resolve_device(name: str) -> torch.device:
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {name} was asked for but CUDA is not available here; use --device cpu')
+    return device
+
+
+def load_network(cfg: TestConfig) -> torch.nn.Module:
+    """Build ``network_g`` and load its weights; errors name the option key or checkpoint keys."""
+    if cfg.network.get('type') != 'CDNSRNet':
+        raise ValueError(f"network_g.type is {cfg.network.get('type')!r}: the tester routes a CDNSRNet "
+                         '(classifier + branches); test a single network with basicsr/test.py, or put it '
+                         'in a CDNSRNet as its only branch')
+    net = build_network(dict(cfg.network))
+    if cfg.checkpoint is not None:
+        load_weights(net, cfg.checkpoint, cfg.param_key, cfg.strict)
+    parts = {'pretrain_network_classifier': net.classifier}
+    parts.update({f'pretrain_network_branch{i}': branch for i, branch in enumerate(net.branches)})
+    for key, path in cfg.parts.items():
+        if key not in parts:
+            raise ValueError(f'{key}: the network has parts {sorted(parts)} only (it has {len(net.branches)} '
+                             'branches)')
+        load_weights(parts[key], path)
+    if cfg.scale is not None and cfg.scale != net.scale:
+        raise ValueError(f'scale is {cfg.scale} but network_g upscales x{net.scale}')
+    return net
+
+
+def load_router(cfg: TestConfig, num_classes: int) -> Optional[LaplacianRouter]:
+    if cfg.router != 'laplacian':
+        return None
+    if cfg.fit_router is not None:
+        router = LaplacianRouter.from_prepared(cfg.fit_router, num_classes=num_classes)
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        router.save(cfg.out / 'laplacian_router.json')
+    else:
+        router = LaplacianRouter.load(cfg.router_file)
+    if router.num_classes != num_classes:
+        raise ValueError(f'the Laplacian router has {router.num_classes} classes but the network has '
+                         f'{num_classes} branches')
+    return router
+
+
+# ---------------------------------------------------------------------- reading
+def gt_index(spec: DatasetSpec, failures: list[dict]) -> dict[str, Path]:
+    """LR stem -> GT path, through BasicSR's ``filename_tmpl`` (LR name = tmpl.format(GT name))."""
+    if spec.gt is None:
+        return {}
+    skipped = Skipped()
+    paths = list_images(spec.gt, skipped)
+    failures.extend({'file': path, 'error': reason} for path, reason in skipped.items)
+    return {spec.filename_tmpl.format(path.stem): path for path in paths}
+
+
+def load_pair(path: Path, gt_path: Optional[Path], scale: int, has_gt: bool) -> LoadedPair:
+    try:
+        lr_img, notes = read_image(path)
+    except SkipImage as exc:
+        raise ImageFailure(f'{path}: {exc}') from exc
+    gt = None
+    if has_gt:
+        if gt_path is None:
+            raise ImageFailure(f'{path}: no ground truth with the same name in the GT folder; add it or test '
+                               'without --gt')
+        try:
+            gt, gt_notes = read_image(gt_path)
+        except SkipImage as exc:
+            raise ImageFailure(f'{gt_path}: {exc}') from exc
+        notes += [f'GT {note}' for note in gt_notes]
+        want = (lr_img.shape[0] * scale, lr_img.shape[1] * scale)
+        if gt.shape[:2] != want:
+            raise ImageFailure(f'{gt_path}: GT is {gt.shape[1]}x{gt.shape[0]} but {scale} x the LR '
+                               f'{path.name} ({lr_img.shape[1]}x{lr_img.shape[0]}) is {want[1]}x{want[0]}; make '
+                               'pairs with tools/make_test_sets.py or crop the GT to a multiple of the scale first')
+    lr = img2tensor(lr_img.astype(np.float32) / 255.0, bgr2rgb=True, float32=True)
+    return LoadedPair(path, lr, gt, notes)
+
+
+# ---------------------------------------------------------------------- per setting
+def decide(setting: Setting, logits: Optional[torch.Tensor], router_labels: Optional[torch.Tensor], n: int,
+           table: CostTable, convention: str, num_classes: int) -> tuple[torch.Tensor, Optional[float]]:
+    """Class of every tile under ``setting`` and the eta used (None where eta does not apply)."""
+    if setting.kind != 'routed':
+        return torch.full((n, ), num_classes - 1, dtype=torch.long), None
+    if router_labels is not None:
+        return router_labels, None
+    if setting.budget is not None:
+        solution = solve_budget(logits, table.per_class(convention), table.largest(convention), setting.budget)
+        return solution.labels, float(solution.eta)
+    costs = [branch.value(convention) for branch in table.branches]
+    return cost_aware_labels(logits, costs, setting.eta or 0.0), float(setting.eta or 0.0)
+
+
+def flops_of(setting: Setting, counts: list[int], table: CostTable, router_cost: Optional[dict],
+             backbone: torch.nn.Module, size: tuple[int, int]) -> dict[str, dict[str, float]]:
+    n = sum(counts)
+    result = {}
+    full = full_image_cost(backbone, *size, probe=table.patch) if setting.kind == 'backbone-full' else None
+    for convention in CONVENTIONS:
+        largest = table.largest(convention)
+        if setting.kind == 'backbone-full':
+            total = full[convention]
+        elif setting.kind == 'backbone-patch':
+            total = n * largest
+        else:
+            per_class = [branch.value(convention) for branch in table.branches]
+            extra = router_cost[convention] if router_cost else table.classifier.value(convention)
+            total = float(np.dot(counts, per_class)) + n * extra
+        result[convention] = {'total': float(total), 'per_patch': total / n,
+                              'percent_of_largest': 100.0 * total / n / largest}
+    return result
+
+
+def metrics(sr_img: np.ndarray, gt: Optional[np.ndarray], crop: int) -> dict[str, Optional[float]]:
+    """BasicSR's PSNR/SSIM on uint8 BGR images, RGB and Y, ``crop_border = crop``."""
+    keys = ('psnr', 'ssim', 'psnr_y', 'ssim_y')
+    if gt is None or min(gt.shape[:2]) <= 2 * crop:
+        return dict.fromkeys(keys)
+    values = {}
+    for suffix, y in (('', False), ('_y', True)):
+        values[f'psnr{suffix}'] = float(calculate_psnr(sr_img, gt, crop, test_y_channel=y))
+        values[f'ssim{suffix}'] = float(calculate_ssim(sr_img, gt, crop, test_y_channel=y))
+    return values
+
+
+class Runner:
+    """Holds the network, engine, costs and results of one run (see the module docstring)."""
+
+    def __init__(self, cfg: TestConfig) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        net = load_network(cfg)
+        self.table = cost_table(net, patch=cfg.patch)  # before the engine changes format / precision
+        self.router = load_router(cfg, net.num_classes)
+        patch = cfg.patch
+        self.router_cost = ({'macs': LAPLACIAN_MACS_PER_PIXEL * patch * patch,
+                             'paper': 2 * LAPLACIAN_MACS_PER_PIXEL * patch * patch} if self.router else None)
+        self.backbone_for_costs = build_network(dict(net.branch_opts[-1])) if cfg.compare_backbone else None
+        options = EngineOptions(patch=cfg.patch, stride=cfg.stride, max_batch=cfg.max_batch,
+                                channels_last=cfg.channels_last, precision=cfg.precision)
+        self.engine = RoutedEngine(net, options, self.device)
+        self.records: dict[str, list[dict]] = {s.name: [] for s in cfg.settings}
+        self.failures: list[dict] = []
+        self.notes: list[dict] = []
+
+    def run(self) -> dict:
+        self.warm_up()
+        for spec in self.cfg.datasets:
+            self.run_dataset(spec)
+        return self.build_report()
+
+    def warm_up(self) -> None:
+        """One small pass through the classifier and every branch, so that the first image's timings do not
+        include one-time set-up (allocator growth, oneDNN primitives, the CUDA context)."""
+        p, m = self.cfg.patch, self.engine.num_classes
+        lr = torch.rand(3, p, p * m, device=self.device)
+        grid = self.engine.grid(lr)
+        self.engine.classify(lr, grid)
+        self.engine.render(lr, torch.arange(len(grid)) % m, grid)
+
+    def run_dataset(self, spec: DatasetSpec) -> None:
+        skipped = Skipped()
+        try:
+            paths = list_images(spec.lq, skipped)
+        except (FileNotFoundError, ValueError) as exc:
+            self.failures.append({'file': str(spec.lq), 'error': str(exc)})
+            return
+        self.failures.extend({'file': path, 'error': reason} for path, reason in skipped.items)
+        gts = gt_index(spec, self.failures)
+        for path in tqdm(paths, desc=f'{spec.name}', unit='image', file=sys.stderr):
+            try:
+                pair = load_pair(path, gts.get(path.stem), self.engine.scale, spec.gt is not None)
+                self.run_image(spec, pair)
+            except ImageFailure as exc:
+                self.failures.append({'file': str(path), 'error': str(exc)})
+            except (RuntimeError, ValueError) as exc:  # e.g. out of memory on one huge image
+                self.failures.append({'file': str(path), 'error': f'{type(exc).__name__}: {exc}'})
+
+    def run_image(self, spec: DatasetSpec, pair: LoadedPair) -> None:
+        if pair.notes:
+            self.note(pair.path, pair.notes)
+        lr = pair.lr.to(self.device)
+        grid = self.engine.grid(lr)
+        with measure(self.device) as routing_time:
+            logits, router_labels = None, None
+            if self.router is not None:
+                router_labels = self.engine.map_tiles(lr, lambda t: self.router(t.float()).cpu(), grid)
+            elif any(s.kind == 'routed' for s in self.cfg.settings):
+                logits, _ = self.engine.classify(lr, grid)
+        for index, setting in enumerate(self.cfg.settings):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                labels, eta = decide(setting, logits, router_labels, len(grid), self.table, self.cfg.convention,
+                                     self.engine.num_classes)
+            for warning in caught:
+                self.note(pair.path, [f'{setting.name}: {warning.message}'])
+            with measure(self.device) as timing:
+                if setting.kind == 'backbone-full':
+                    sr = self.engine.backbone_full(lr)
+                else:
+                    sr = self.engine.render(lr, labels, grid)
+            seconds = timing.seconds + (routing_time.seconds if setting.kind == 'routed' else 0.0)
+            sr_img = tensor2img(sr.cpu(), rgb2bgr=True, min_max=(0, 1))
+            record = self.record(spec, pair, setting, labels, eta, sr_img, seconds, timing, grid)
+            if index == 0 and self.cfg.save_images:
+                self.save_images(spec, pair.path.stem, sr_img, labels, grid, record)
+            self.records[setting.name].append(record)
+
+    def note(self, path: Path, notes: list[str]) -> None:
+        self.notes.append({'file': str(path), 'notes': notes})
+        tqdm.write(f'note: {path}: {"; ".join(notes)}', file=sys.stderr)
+
+    def record(self, spec, pair, setting, labels, eta, sr_img, seconds, timing, grid) -> dict:
+        counts = torch.bincount(labels, minlength=self.engine.num_classes).tolist()
+        lr_size = [int(pair.lr.shape[-2]), int(pair.lr.shape[-1])]
+        backbone = self.backbone_for_costs if setting.kind == 'backbone-full' else None
+        return {'dataset': spec.name, 'image': pair.path.stem, 'lr_size': lr_size,
+                'sr_size': [int(sr_img.shape[0]), int(sr_img.shape[1])], 'patches': len(grid), 'counts': counts,
+                'eta': eta, **metrics(sr_img, pair.gt, self.engine.scale),
+                'flops': flops_of(setting, counts, self.table, self.router_cost, backbone, tuple(lr_size)),
+                'time_s': seconds, 'peak_memory_mb': timing.peak_memory_mb, 'sr_path': None, 'overlay_path': None}
+
+    def save_images(self, spec, stem, sr_img, labels, grid, record) -> None:
+        folder = self.cfg.out / spec.name
+        folder.mkdir(parents=True, exist_ok=True)
+        sr_path, overlay_path = folder / f'{stem}.png', folder / f'{stem}_classmap.png'
+        write_image(sr_path, sr_img)
+        overlay = reporting.draw_class_map(sr_img, grid.positions().numpy(), grid.patch, self.engine.scale,
+                                           labels.numpy(), self.engine.num_classes)
+        write_image(overlay_path, overlay)
+        record['sr_path'], record['overlay_path'] = str(sr_path), str(overlay_path)
+
+    # ------------------------------------------------------------------ report
+    def build_report(self) -> dict:
+        settings = [{'name': s.name, 'kind': s.kind, 'images': self.records[s.name],
+                     'sets': reporting.aggregate(self.records[s.name])} for s in self.cfg.settings]
+        return {'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+                'command': ' '.join(sys.argv), 'device': str(self.device), 'torch': torch.__version__,
+                'threads': torch.get_num_threads(), 'network': self.network_info(), 'settings': settings,
+                'comparison': comparisons(settings), 'failures': self.failures, 'notes': self.notes}
+
+    def network_info(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {'network_g': json.loads(json.dumps(cfg.network, default=str)), 'costs': self.table.to_dict(),
+                'checkpoint': str(cfg.checkpoint) if cfg.checkpoint else None,
+                'parts': {k: str(v) for k, v in cfg.parts.items()}, 'router': cfg.router,
+                'router_thresholds': list(self.router.thresholds) if self.router else None,
+                'patch': cfg.patch, 'stride': cfg.stride, 'max_batch': cfg.max_batch,
+                'channels_last': cfg.channels_last, 'precision': cfg.precision, 'budget_convention': cfg.convention}
+
+
+def comparisons(settings: list[dict]) -> list[dict]:
+    """Every routed setting against each backbone setting, per dataset (``report.compare``)."""
+    routed = [s for s in settings if s['kind'] == 'routed']
+    return [row for base in settings if base['kind'] != 'routed' for setting in routed
+            for row in reporting.compare(setting, base)]
+
+
+def sweep_series(report: dict, convention: str = 'paper') -> list[dict]:
+    """PSNR-FLOPs series for the plot: the routed settings as one curve, each baseline as a point."""
+    series = []
+    routed = [s for s in report['settings'] if s['kind'] == 'routed']
+    for dataset in dict.fromkeys(row['dataset'] for s in report['settings'] for row in s['sets']):
+        def point(setting):
+            row = next((r for r in setting['sets'] if r['dataset'] == dataset), None)
+            if row is None or row.get('psnr_y') is None:
+                return None
+            return (row['flops'][convention]['percent_of_largest'], row['psnr_y'])
+        points = sorted(p for p in map(point, routed) if p is not None)
+        if points:
+            series.append({'label': f'{dataset}: routed (eta / budget)', 'points': points, 'style': 'line'})
+        for base in (s for s in report['settings'] if s['kind'] != 'routed'):
+            p = point(base)
+            if p is not None:
+                series.append({'label': f'{dataset}: {base["name"]}', 'points': [p], 'style': 'point'})
+    return series

@@ -1,0 +1,180 @@
+"""Time routed SR against the backbone on real images; print one table of ratios measured in one run.
+
+    python tools/benchmark.py --network options/net_CDNSR_SRResNet_x4.yml --images ../shared/data/photos \
+        --lr-size 320x480 --mix 0.6,0.25,0.15 --runs 5 --threads 2 --loop
+
+For each image (a photo resized to ``--lr-size`` and used as the LR input), every measurement is the
+median of ``--runs`` runs, in this order, on the same input and labels:
+
+* ``routed``: classify every tile + the engine (tiles grouped by class, one batched pass per branch per
+  ``--max-batch``, streamed merge). With ``--mix`` the classes are forced (patches ranked by their
+  Laplacian edge score: the flattest ``mix[0]`` share goes to branch 0, ...), so engine speed is
+  measured independently of how well a classifier was trained; the classifier still runs, as it would.
+* ``backbone patch-wise``: every tile through the largest branch (same tiles, no classifier).
+* ``backbone full``: the largest branch on the whole image (``--skip-full`` for 8K inputs: its feature
+  maps need tens of GB).
+* ``per-patch loop`` (``--loop``): ClassSR's tester, one tile per forward pass, same labels.
+
+Ratios printed: routed / backbone time and FLOPs (paper convention and MACs, classifier included), and
+the engine efficiency = time ratio / FLOPs ratio (1.0 = wall-clock tracks FLOPs exactly). Peak memory is
+the process's peak resident set (CPU) or CUDA allocation during the routed run.
+``--max-batch-sweep 16,32,64,128`` times the routed run at each batch limit (to choose the default).
+
+Weights do not change timings; without ``--checkpoint`` the network is randomly initialised.
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import cdnsr_plugin  # noqa: F401
+import cv2
+import numpy as np
+import torch
+from basicsr.archs import build_network
+from basicsr.utils import img2tensor
+
+from cdnsr_plugin.checkpoint import load_weights
+from cdnsr_plugin.data.image_io import Skipped, list_images, read_image
+from cdnsr_plugin.routing.flops import CONVENTIONS, cost_table, full_image_cost
+from cdnsr_plugin.routing.routers import forced_mix_labels, laplacian_scores
+from cdnsr_plugin.tester.config import network_options
+from cdnsr_plugin.tester.engine import DEFAULT_MAX_BATCH, EngineOptions, RoutedEngine, measure
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--network', type=Path, required=True, help='option file with network_g (a CDNSRNet)')
+    parser.add_argument('--checkpoint', type=Path, help='weights (default: random; timings do not depend on them)')
+    parser.add_argument('--images', type=Path, required=True, help='folder of photos')
+    parser.add_argument('--limit', type=int, default=2, help='number of photos (default 2)')
+    parser.add_argument('--lr-size', default='320x480', help='HxW of the LR input (default 320x480; 1080x1920 '
+                        'gives an 8K output)')
+    parser.add_argument('--mix', help='forced class shares, e.g. 0.6,0.25,0.15 (default: the classifier\'s argmax)')
+    parser.add_argument('--runs', type=int, default=5, help='runs per measurement; the median is reported')
+    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads (default 2)')
+    parser.add_argument('--max-batch', type=int, default=DEFAULT_MAX_BATCH)
+    parser.add_argument('--max-batch-sweep', help='comma-separated batch limits to time the routed run at')
+    parser.add_argument('--no-channels-last', action='store_true')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--loop', action='store_true', help='also time the one-tile-per-pass loop')
+    parser.add_argument('--skip-full', action='store_true', help='skip the full-image backbone (huge inputs)')
+    parser.add_argument('--json', type=Path, help='also write the results here')
+    return parser.parse_args(argv)
+
+
+def load_inputs(folder: Path, limit: int, size: tuple[int, int]) -> list[tuple[str, torch.Tensor]]:
+    skipped = Skipped()
+    inputs = []
+    for path in list_images(folder, skipped)[:limit]:
+        img, _ = read_image(path)
+        img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        inputs.append((path.stem, img2tensor(img.astype(np.float32) / 255.0, bgr2rgb=True, float32=True)))
+    if not inputs:
+        raise SystemExit(f'no usable images in {folder}')
+    return inputs
+
+
+def timed(fn, runs: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds over ``runs`` and the peak memory (MB) seen in any run."""
+    seconds, peak = [], 0.0
+    for _ in range(runs):
+        with measure(device) as m:
+            fn()
+        seconds.append(m.seconds)
+        peak = max(peak, m.peak_memory_mb or 0.0)
+    return statistics.median(seconds), peak
+
+
+def labels_for(engine: RoutedEngine, lr: torch.Tensor, mix) -> torch.Tensor:
+    if mix is None:
+        return engine.classify(lr)[0].argmax(1)
+    scores = engine.map_tiles(lr, lambda tiles: laplacian_scores(tiles.float()).cpu())
+    return forced_mix_labels(scores, mix)
+
+
+def costs(table, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    return {c: table.routed(counts, c) * len(labels) for c in CONVENTIONS}
+
+
+def bench_image(engine: RoutedEngine, table, lr: torch.Tensor, args) -> dict:
+    mix = [float(v) for v in args.mix.split(',')] if args.mix else None
+    grid = engine.grid(lr)
+    labels = labels_for(engine, lr, mix)
+    device, runs = engine.device, args.runs
+
+    def routed():
+        engine.classify(lr, grid)
+        engine.render(lr, labels, grid)
+
+    row = {'lr_size': list(lr.shape[-2:]), 'patches': len(grid),
+           'counts': torch.bincount(labels, minlength=engine.num_classes).tolist()}
+    routed()  # warm-up (allocator, one-time kernels)
+    row['routed_s'], row['routed_peak_mb'] = timed(routed, runs, device)
+    row['patch_s'], row['patch_peak_mb'] = timed(lambda: engine.backbone_patchwise(lr, grid), runs, device)
+    largest = {c: table.largest(c) * len(grid) for c in CONVENTIONS}
+    routed_flops = costs(table, labels, engine.num_classes)
+    row['flops_ratio_patch'] = {c: routed_flops[c] / largest[c] for c in CONVENTIONS}
+    if not args.skip_full:
+        row['full_s'], row['full_peak_mb'] = timed(lambda: engine.backbone_full(lr), runs, device)
+        full = full_image_cost(build_network(dict(engine.net.branch_opts[-1])), *lr.shape[-2:], probe=table.patch)
+        row['flops_ratio_full'] = {c: routed_flops[c] / full[c] for c in CONVENTIONS}
+    if args.loop:
+        row['loop_s'], _ = timed(lambda: engine.render_loop(lr, labels, grid), max(1, runs // 2), device)
+    if args.max_batch_sweep:
+        row['max_batch_sweep'] = {}
+        for size in (int(v) for v in args.max_batch_sweep.split(',')):
+            engine.options = EngineOptions(**{**engine.options.__dict__, 'max_batch': size})
+            row['max_batch_sweep'][size], _ = timed(lambda: engine.render(lr, labels, grid), runs, device)
+        engine.options = EngineOptions(**{**engine.options.__dict__, 'max_batch': args.max_batch})
+    return row
+
+
+def print_table(rows: dict, args, table) -> None:
+    print(f'\n{args.network.name}: LR {args.lr_size}, {args.threads} threads, median of {args.runs}, max_batch '
+          f'{args.max_batch}, channels_last {not args.no_channels_last}, mix {args.mix or "classifier argmax"}')
+    header = (f"{'image':<18}{'tiles':>6}{'routed s':>10}{'patch s':>9}{'t ratio':>9}{'F ratio':>9}{'eff.':>7}"
+              f"{'full s':>9}{'t/full':>8}{'F/full':>8}{'loop s':>9}{'loop/rt':>8}{'peak MB':>9}")
+    print(header)
+    for name, r in rows.items():
+        t_patch = r['routed_s'] / r['patch_s']
+        f_patch = r['flops_ratio_patch']['paper']
+        line = (f"{name[:17]:<18}{r['patches']:>6}{r['routed_s']:>10.3f}{r['patch_s']:>9.3f}{t_patch:>9.3f}"
+                f"{f_patch:>9.3f}{t_patch / f_patch:>7.2f}")
+        if 'full_s' in r:
+            line += f"{r['full_s']:>9.3f}{r['routed_s'] / r['full_s']:>8.3f}{r['flops_ratio_full']['paper']:>8.3f}"
+        else:
+            line += f"{'-':>9}{'-':>8}{'-':>8}"
+        line += f"{r['loop_s']:>9.2f}{r['loop_s'] / r['routed_s']:>8.1f}" if 'loop_s' in r else f"{'-':>9}{'-':>8}"
+        print(line + f"{r['routed_peak_mb']:>9.0f}")
+        if 'max_batch_sweep' in r:
+            print('   render time by max_batch: ' + ', '.join(f'{k}: {v:.3f}s' for k, v in r['max_batch_sweep'].items()))
+    print('t ratio = routed / backbone patch-wise time; F ratio = the same for FLOPs (paper convention, classifier '
+          'included); eff. = t ratio / F ratio; t/full, F/full: against the backbone on the whole image; '
+          f'MACs ratios are in --json. Classes per image: {[r["counts"] for r in rows.values()]}')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    height, width = (int(v) for v in args.lr_size.lower().split('x'))
+    net = build_network(network_options(args.network))
+    if args.checkpoint:
+        load_weights(net, args.checkpoint)
+    table = cost_table(net, patch=32)
+    options = EngineOptions(max_batch=args.max_batch, channels_last=not args.no_channels_last)
+    engine = RoutedEngine(net, options, args.device)
+    rows = {}
+    for name, lr in load_inputs(args.images, args.limit, (height, width)):
+        rows[name] = bench_image(engine, table, lr.to(engine.device), args)
+        print(f'{name}: done', file=sys.stderr)
+    print_table(rows, args, table)
+    if args.json:
+        args.json.write_text(json.dumps({'args': {k: str(v) for k, v in vars(args).items()}, 'rows': rows}, indent=2))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
