@@ -70,11 +70,12 @@ def test_aggregate_weights_per_patch_by_patches(images):
     assert test2k['time_s'] == pytest.approx(3.0) and test2k['peak_memory_mb'] == 70.0
 
 
-def test_aggregate_propagates_nulls(images):
+def test_aggregate_means_over_scored_images_and_keeps_nulls(images):
     test4k = aggregate(images)[1]
     assert test4k['psnr'] is None and test4k['ssim_y'] is None and test4k['peak_memory_mb'] is None
-    mixed = aggregate([images[0], dict(images[2], psnr=None)])[0]
-    assert mixed['psnr'] is None and mixed['psnr_y'] == pytest.approx(32.0)
+    assert test4k['scored_images'] == 0
+    mixed = aggregate([images[0], dict(images[2], psnr=None)])[0]  # e.g. one image too small to score
+    assert mixed['psnr'] == pytest.approx(30.0) and mixed['scored_images'] == 1
 
 
 def test_aggregate_rejects_mismatched_counts(images):
