@@ -8,6 +8,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 PTH = 'cdnsr_plugin-autoload.pth'
+PACKAGED_OPTIONS = ['train_CDNSR_FSRCNN_demo.yml']
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -17,9 +18,14 @@ class BuildWithPth(build_py):
     def run(self):
         super().run()
         shutil.copyfile(os.path.join(HERE, PTH), os.path.join(self.build_lib, PTH))
+        for name in PACKAGED_OPTIONS:  # the demo reads its schedule from the installed package
+            target = os.path.join(self.build_lib, 'cdnsr_plugin', 'options', name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(os.path.join(HERE, 'options', name), target)
 
     def get_outputs(self, include_bytecode=True):
-        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+        packaged = [os.path.join(self.build_lib, 'cdnsr_plugin', 'options', name) for name in PACKAGED_OPTIONS]
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)] + packaged
 
 
 def read(name):
@@ -57,6 +63,7 @@ setup(
         'cdnsr-train=cdnsr_plugin.train:main',
         'cdnsr-test=cdnsr_plugin.test:main',
         'cdnsr-test-patches=cdnsr_plugin.tester.cli:main',
+        'cdnsr-demo=cdnsr_plugin.demo:main',
     ]},
     license='Apache-2.0',
     classifiers=['Programming Language :: Python :: 3', 'Topic :: Scientific/Engineering :: Image Processing'],

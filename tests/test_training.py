@@ -108,6 +108,29 @@ def test_each_stage_trains_only_its_parts(tmp_path, data):
     assert log['stage'] == 4 and 0 < log['flops_pct'] <= 100
 
 
+def test_new_stage_starts_with_fresh_optimizer_moments(tmp_path, data):
+    """A branch that a new stage does not reach must not move: Adam's first moment from the previous stage
+    would otherwise keep stepping it (zero gradients still give lr * m / sqrt(v))."""
+    train_set, _ = data
+    train = {'optim_g': {'type': 'Adam', 'lr': 1e-2}, 'total_iter': 4,
+             'scheduler': {'type': 'CosineAnnealingRestartLR', 'eta_min': 1e-7},
+             'losses': {'pixel': {'type': 'L1Loss'}},
+             'stages': [{'name': 'pretrain', 'iters': 2, 'losses': {'pixel': 1}},
+                        {'name': 'finetune', 'iters': 2, 'routing': 'gumbel', 'losses': {'pixel': 1}}]}
+    model = build_model(model_opt(tmp_path, train_set, train, dict(FSRCNN_NET, hard_gumbel=True)))
+    net = model.bare_net
+    for current_iter in (1, 2):  # branch 0 learns from class-0 samples and builds up Adam moments
+        model.feed_data(batch(train_set, [0, 0, 0, 0]))
+        model.optimize_parameters(current_iter)
+    with torch.no_grad():  # the classifier sends everything to branch 2: branch 0 gets exactly zero gradients
+        net.classifier.lastOut.bias.copy_(torch.tensor([-1e4, -1e4, 1e4]))
+    before_0, before_2 = snapshot(net.branches[0]), snapshot(net.branches[2])
+    model.feed_data(batch(train_set, [0, 0, 0, 0]))
+    model.optimize_parameters(3)
+    assert not changed(before_0, net.branches[0])
+    assert changed(before_2, net.branches[2])
+
+
 def test_learning_rate_restarts_at_every_stage_start(tmp_path, data):
     """BasicSR steps the scheduler before iteration k > 1, so iteration k runs at step k - 1; the
     filled-in periods put each restart on a stage's first iteration."""
@@ -187,7 +210,7 @@ def test_parts_load_from_their_own_checkpoints(tmp_path, data):
         build_model(extra)
 
 
-DEMOS = ['train_CDNSR_FSRCNN_demo.yml', 'train_ClassSR_FSRCNN_demo.yml', 'train_FSRCNN_demo.yml']
+DEMOS = ['train_CDNSR_FSRCNN_demo.yml', 'train_CDNSR_EDSR_demo.yml', 'train_ClassSR_FSRCNN_demo.yml', 'train_FSRCNN_demo.yml']
 
 
 @pytest.mark.parametrize('entry', ['plugin', 'stock'])

@@ -40,7 +40,7 @@ from cdnsr_plugin.data.image_io import Skipped, list_images, read_image
 from cdnsr_plugin.routing.flops import CONVENTIONS, cost_table, full_image_cost
 from cdnsr_plugin.routing.routers import forced_mix_labels, laplacian_scores
 from cdnsr_plugin.tester.config import network_options
-from cdnsr_plugin.tester.engine import DEFAULT_MAX_BATCH, EngineOptions, RoutedEngine, measure
+from cdnsr_plugin.tester.engine import EngineOptions, RoutedEngine, measure
 
 
 def parse_args(argv=None):
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument('--mix', help='forced class shares, e.g. 0.6,0.25,0.15 (default: the classifier\'s argmax)')
     parser.add_argument('--runs', type=int, default=5, help='runs per measurement; the median is reported')
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads (default 2)')
-    parser.add_argument('--max-batch', type=int, default=DEFAULT_MAX_BATCH)
+    parser.add_argument('--max-batch', type=int, help='default: 16 on CPU, 128 on CUDA')
     parser.add_argument('--max-batch-sweep', help='comma-separated batch limits to time the routed run at')
     parser.add_argument('--no-channels-last', action='store_true')
     parser.add_argument('--device', default='cpu')
@@ -125,16 +125,17 @@ def bench_image(engine: RoutedEngine, table, lr: torch.Tensor, args) -> dict:
         row['loop_s'], _ = timed(lambda: engine.render_loop(lr, labels, grid), max(1, runs // 2), device)
     if args.max_batch_sweep:
         row['max_batch_sweep'] = {}
+        chosen = engine.max_batch
         for size in (int(v) for v in args.max_batch_sweep.split(',')):
-            engine.options = EngineOptions(**{**engine.options.__dict__, 'max_batch': size})
+            engine.max_batch = size
             row['max_batch_sweep'][size], _ = timed(lambda: engine.render(lr, labels, grid), runs, device)
-        engine.options = EngineOptions(**{**engine.options.__dict__, 'max_batch': args.max_batch})
+        engine.max_batch = chosen
     return row
 
 
 def print_table(rows: dict, args, table) -> None:
     print(f'\n{args.network.name}: LR {args.lr_size}, {args.threads} threads, median of {args.runs}, max_batch '
-          f'{args.max_batch}, channels_last {not args.no_channels_last}, mix {args.mix or "classifier argmax"}')
+          f'{args.max_batch or "default"}, channels_last {not args.no_channels_last}, mix {args.mix or "classifier argmax"}')
     header = (f"{'image':<18}{'tiles':>6}{'routed s':>10}{'patch s':>9}{'t ratio':>9}{'F ratio':>9}{'eff.':>7}"
               f"{'full s':>9}{'t/full':>8}{'F/full':>8}{'loop s':>9}{'loop/rt':>8}{'peak MB':>9}")
     print(header)

@@ -175,6 +175,8 @@ class CDNSRModel(SRModel):
             get_root_logger().info(f'Stage {stage.index + 1}/{len(self.stages)} "{stage.name}" from iter '
                                    f'{stage.start} to {stage.end}: training {", ".join(stage.train)}, '
                                    f'routing {stage.routing}, losses {stage.losses}')
+            if current_iter == stage.start and stage.index > 0:
+                self._reset_optimizer_state(stage)
             self._stage = stage
         self.optimizer_g.zero_grad(set_to_none=True)
         tau = stage.tau_at(current_iter)
@@ -196,6 +198,17 @@ class CDNSRModel(SRModel):
         self.log_dict.update(self._routing_log(stage, probs, tau))
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+
+    def _reset_optimizer_state(self, stage: Stage) -> None:
+        """A new stage starts with fresh optimizer moments, as the papers' stages were separate runs.
+
+        Adam's first moment from the previous stage would otherwise keep moving a part that the new stage
+        does not reach (zero gradients still get a step ``lr * m / sqrt(v)``), for about 1 / (1 - beta1)
+        iterations at the restarted learning rate. Not done when resuming mid-stage, where BasicSR
+        restores the saved optimizer state.
+        """
+        self.optimizer_g.state.clear()
+        get_root_logger().info(f'Stage "{stage.name}": optimizer state reset (fresh moments for the new stage)')
 
     def _forward(self, stage: Stage, tau: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, Optional[list]]:
         need_outputs = any(isinstance(self.losses[name], OUTPUT_LOSSES) for name in stage.losses)

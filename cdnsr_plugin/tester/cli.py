@@ -32,7 +32,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             written.append(reporting.plot_psnr_flops(series, cfg.out / 'psnr_flops.png', cfg.convention,
                                                      title=f'{cfg.name}: PSNR (Y) vs FLOPs per patch'))
     print(reporting.format_summary(report))
-    first = report['settings'][0]['images'] if report['settings'] else []
+    first = next((s['images'] for s in report['settings'] if s['name'] == cfg.save_setting), [])
     if first and first[0]['sr_path']:
         print(f'SR images and class maps: {Path(first[0]["sr_path"]).parent}/ (e.g. {first[0]["overlay_path"]})')
     print('Reports: ' + ', '.join(str(path) for path in written))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cdnsr_plugin.compat import load_yaml
-from cdnsr_plugin.tester.engine import DEFAULT_MAX_BATCH, PRECISIONS
+from cdnsr_plugin.tester.engine import PRECISIONS
 
 DEFAULT_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ROUTERS = ('classifier', 'laplacian')
@@ -60,7 +60,7 @@ class TestConfig:
     strict: bool = True
     patch: int = 32
     stride: int = 28
-    max_batch: int = DEFAULT_MAX_BATCH
+    max_batch: Optional[int] = None  # None: the engine's per-device default
     channels_last: bool = True
     precision: str = 'fp32'
     device: str = 'auto'
@@ -72,6 +72,7 @@ class TestConfig:
     compare_backbone: bool = False
     convention: str = 'paper'
     save_images: bool = True
+    save_setting: Optional[str] = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine = parser.add_argument_group('engine')
     engine.add_argument('--patch', type=int, help='LR tile side (default 32)')
     engine.add_argument('--stride', type=int, help='step between tiles (default 28)')
-    engine.add_argument('--max-batch', type=int, help=f'largest batch per branch pass (default {DEFAULT_MAX_BATCH})')
+    engine.add_argument('--max-batch', type=int, help='largest batch per branch pass (default 16 on CPU, 128 on CUDA)')
     engine.add_argument('--no-channels-last', action='store_true', help='keep the default memory format')
     engine.add_argument('--precision', choices=sorted(PRECISIONS), help='fp16/bf16 need CUDA (default fp32)')
     engine.add_argument('--device', help='cpu, cuda, cuda:1 or auto (default: option num_gpu, else auto)')
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument('--compare-backbone', action='store_true', help='also run the largest branch on the full '
                          'image and patch-wise, and print routed/backbone ratios')
     parser.add_argument('--no-save-images', action='store_true', help='write reports only')
+    parser.add_argument('--save-setting', help='the setting whose SR images and class maps are written, e.g. '
+                        'budget=0.50 (default: the first, argmax or the one --eta/--budget names)')
     return parser
 
 
@@ -195,6 +198,15 @@ def _settings(args: argparse.Namespace, val: dict, router: str) -> list[Setting]
     return settings
 
 
+def _check_save_setting(name: Optional[str], settings: list[Setting]) -> str:
+    names = [setting.name for setting in settings]
+    if name is None:
+        return names[0]
+    if name not in names:
+        raise ValueError(f'--save-setting {name!r} is not among this run\'s settings {names}')
+    return name
+
+
 def _parse_budgets(text: Any) -> list[float]:
     values = text if isinstance(text, (list, tuple)) else str(text).split(',')
     try:
@@ -254,14 +266,16 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
     if checkpoint is None and router == 'classifier' and 'pretrain_network_classifier' not in parts:
         raise ValueError('routing by the learned classifier needs its weights: --checkpoint CKPT (or '
                          'path.pretrain_network_classifier); without a trained classifier use --router laplacian')
+    settings = _settings(args, val, router)
     return TestConfig(
         name=str(name), out=args.out or Path('results') / str(name), scale=scale, network=network,
         checkpoint=checkpoint, datasets=datasets, parts=parts, param_key=param_key, strict=bool(strict),
         patch=_pick(args.patch, val.get('patch'), 32), stride=_pick(args.stride, val.get('stride'), 28),
-        max_batch=_pick(args.max_batch, val.get('max_batch'), DEFAULT_MAX_BATCH),
+        max_batch=_pick(args.max_batch, val.get('max_batch'), None),
         channels_last=not args.no_channels_last and val.get('channels_last', True),
         precision=_pick(args.precision, val.get('precision'), 'fp32'), device=device, threads=args.threads,
-        router=router, router_file=router_file, fit_router=args.fit_router, settings=_settings(args, val, router),
+        router=router, router_file=router_file, fit_router=args.fit_router, settings=settings,
         compare_backbone=bool(args.compare_backbone or val.get('compare_backbone')),
         convention=_pick(args.convention, val.get('convention'), 'paper'),
-        save_images=not args.no_save_images and val.get('save_img', True) is not False)
+        save_images=not args.no_save_images and val.get('save_img', True) is not False,
+        save_setting=_check_save_setting(args.save_setting, settings))

@@ -37,10 +37,16 @@ from cdnsr_plugin.routing.inference import super_resolve_patches
 from cdnsr_plugin.routing.patches import PatchGrid, extract
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
-# Largest batch per branch forward pass. Measured with tools/benchmark.py (README, "Choosing --max-batch"):
-# on 2 CPU threads 32-128 are within noise of each other for FSRCNN/CARN/SRResNet branches, while
-# batches of ~1000 tiles are slower (their feature maps leave the cache) and need GBs for SRResNet.
-DEFAULT_MAX_BATCH = 64
+# Largest batch per branch forward pass, by device. CPU: measured with tools/benchmark.py --max-batch-sweep
+# (docs/RESULTS.md): for SRResNet branches on 2 threads, batches of 8-16 tiles are as fast as or faster than
+# 64-256 (their feature maps stay in cache) and hold far less memory. CUDA: 128 is a conventional choice
+# that fills a GPU with 32x32 tiles; it was NOT measured here (no GPU was available), measure with
+# tools/benchmark.py --device cuda --max-batch-sweep 32,64,128,256,512.
+DEFAULT_MAX_BATCH = {'cpu': 16, 'cuda': 128}
+
+
+def default_max_batch(device: torch.device) -> int:
+    return DEFAULT_MAX_BATCH.get(torch.device(device).type, DEFAULT_MAX_BATCH['cpu'])
 DEFAULT_CHUNK = 1024  # tiles cut, classified and merged per step
 
 
@@ -51,7 +57,7 @@ class EngineOptions:
     Args:
         patch: LR tile side (the papers: 32).
         stride: step between tiles (the papers: 28); tiles cover every pixel.
-        max_batch: largest number of tiles per branch forward pass.
+        max_batch: largest number of tiles per branch forward pass; ``None``: ``DEFAULT_MAX_BATCH`` of the device.
         chunk: tiles cut from the image and merged per step (bounds memory).
         channels_last: run convolutions in channels-last memory format.
         precision: ``fp32``, or ``fp16`` / ``bf16`` on CUDA.
@@ -59,7 +65,7 @@ class EngineOptions:
 
     patch: int = 32
     stride: int = 28
-    max_batch: int = DEFAULT_MAX_BATCH
+    max_batch: Optional[int] = None
     chunk: int = DEFAULT_CHUNK
     channels_last: bool = True
     precision: str = 'fp32'
@@ -67,6 +73,8 @@ class EngineOptions:
     def validate(self, device: torch.device) -> None:
         for name in ('patch', 'stride', 'max_batch', 'chunk'):
             value = getattr(self, name)
+            if name == 'max_batch' and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f'{name} must be a positive integer, got {value!r}')
         if self.stride > self.patch:
@@ -88,7 +96,7 @@ class RoutedEngine:
         device: where to run; default: the device of ``net``'s parameters.
 
     Examples:
-        >>> engine = RoutedEngine(net, EngineOptions(max_batch=64))
+        >>> engine = RoutedEngine(net, EngineOptions(max_batch=16))
         >>> logits, grid = engine.classify(lr)                 # lr: (3, H, W) in [0, 1]
         >>> sr = engine.render(lr, logits.argmax(1), grid)    # (3, 4H, 4W)
     """
@@ -98,6 +106,7 @@ class RoutedEngine:
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
         options.validate(self.device)
         self.options = options
+        self.max_batch = options.max_batch or default_max_batch(self.device)
         self.dtype = PRECISIONS[options.precision]
         memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         self.net = net.eval().to(device=self.device, dtype=self.dtype, memory_format=memory_format)
@@ -147,7 +156,7 @@ class RoutedEngine:
         def sr_fn(tiles: torch.Tensor) -> torch.Tensor:
             chunk_labels = labels[done[0]:done[0] + len(tiles)].to(self.device)
             done[0] += len(tiles)
-            return self.net.route(self._prepare(tiles), chunk_labels, max_batch=self.options.max_batch).float()
+            return self.net.route(self._prepare(tiles), chunk_labels, max_batch=self.max_batch).float()
 
         with torch.inference_mode():
             sr, _ = super_resolve_patches(image, sr_fn, self.scale, self.options.patch, self.options.stride,

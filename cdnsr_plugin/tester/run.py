@@ -247,7 +247,7 @@ class Runner:
                 router_labels = self.engine.map_tiles(lr, lambda t: self.router(t.float()).cpu(), grid)
             elif any(s.kind == 'routed' for s in self.cfg.settings):
                 logits, _ = self.engine.classify(lr, grid)
-        for index, setting in enumerate(self.cfg.settings):
+        for setting in self.cfg.settings:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
                 labels, eta = decide(setting, logits, router_labels, len(grid), self.table, self.cfg.convention,
@@ -262,7 +262,7 @@ class Runner:
             seconds = timing.seconds + (routing_time.seconds if setting.kind == 'routed' else 0.0)
             sr_img = tensor2img(sr.cpu(), rgb2bgr=True, min_max=(0, 1))
             record = self.record(spec, pair, setting, labels, eta, sr_img, seconds, timing, grid)
-            if index == 0 and self.cfg.save_images:
+            if setting.name == self.cfg.save_setting and self.cfg.save_images:
                 self.save_images(spec, pair.path.stem, sr_img, labels, grid, record)
             self.records[setting.name].append(record)
 
@@ -305,7 +305,7 @@ class Runner:
                 'checkpoint': str(cfg.checkpoint) if cfg.checkpoint else None,
                 'parts': {k: str(v) for k, v in cfg.parts.items()}, 'router': cfg.router,
                 'router_thresholds': list(self.router.thresholds) if self.router else None,
-                'patch': cfg.patch, 'stride': cfg.stride, 'max_batch': cfg.max_batch,
+                'patch': cfg.patch, 'stride': cfg.stride, 'max_batch': self.engine.max_batch,
                 'channels_last': cfg.channels_last, 'precision': cfg.precision, 'budget_convention': cfg.convention}
 
 
