@@ -159,6 +159,7 @@ def run(work: Path, schedule: Schedule) -> dict[str, Path]:
         timings[name] = time.perf_counter() - began
         return result
 
+    work = work.resolve()  # training runs in a subprocess with work as its cwd
     start(work)
     photos, hr_dir, lr_dir = step('photos', write_photos, work, schedule)
     summary = step('prepare', prepare_set, photos, work / 'demo_x4')

@@ -13,7 +13,7 @@ from cdnsr_plugin.demo import MARKER, start
 def test_quick_demo_runs_end_to_end_and_its_files_are_valid(tmp_path):
     work = tmp_path / 'demo'
     env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
-    result = subprocess.run([sys.executable, '-m', 'cdnsr_plugin.demo', '--quick', '--work', str(work)],
+    result = subprocess.run([sys.executable, '-m', 'cdnsr_plugin.demo', '--quick', '--work', 'demo'],  # relative
                             cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = work / 'results'
