@@ -12,7 +12,7 @@ from cdnsr_plugin.compat import load_yaml
 from cdnsr_plugin.routing.flops import cost_table, count_macs, count_paper_flops
 
 REPO = Path(__file__).resolve().parents[1]
-# ClassSR Table 2 / Sec. 4.2 (and DESIGN.md): paper-convention FLOPs of the three branches.
+# ClassSR Table 2 / Sec. 4.2 (and the project brief, ../shared/DESIGN.md): paper-convention FLOPs of the three branches.
 PUBLISHED = {
     'FSRCNN': (141e6, 304e6, 468e6),
     'CARN': (0.38e9, 0.77e9, 1.15e9),

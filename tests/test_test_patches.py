@@ -22,8 +22,8 @@ from cdnsr_plugin.tester.cli import main
 REPO = Path(__file__).resolve().parents[1]
 NETWORK = {'type': 'CDNSRNet', 'scale': 4, 'classifier': {'type': 'PatchClassifier', 'num_classes': 3},
            'branches': [{'type': 'FSRCNN', 'd': d, 'upscale': 4} for d in (16, 36, 56)]}
-# LR sizes: odd, a narrow strip, one tile, smaller than a tile, a single pixel
-LR_SIZES = {'a_97x250': (97, 250), 'b_33x31': (33, 31), 'c_1x1': (1, 1), 'd_200x260': (200, 260)}
+# LR sizes: odd, one tile, a single pixel, several rows of tiles, too small for SSIM after the crop
+LR_SIZES = {'a_97x250': (97, 250), 'b_33x31': (33, 31), 'c_1x1': (1, 1), 'd_200x260': (200, 260), 'e_4x4': (4, 4)}
 RECORD_KEYS = {'dataset', 'image', 'lr_size', 'sr_size', 'patches', 'counts', 'eta', 'psnr', 'ssim', 'psnr_y',
                'ssim_y', 'flops', 'time_s', 'peak_memory_mb', 'sr_path', 'overlay_path'}
 
@@ -95,7 +95,9 @@ def test_report_has_every_field_and_flops_follow_the_cost_table(setup, compared)
             assert flops['percent_of_largest'] == pytest.approx(
                 100 * table.routed(record['counts'], convention) / table.largest(convention))
         if min(record['lr_size']) > 2:  # crop_border = 4 leaves pixels to score
-            assert 0 < record['psnr_y'] < 100 and 0 < record['ssim'] <= 1
+            assert 0 < record['psnr_y'] < 100
+        if min(record['lr_size']) >= 5:  # and SSIM's 11x11 window fits
+            assert 0 < record['ssim'] <= 1
     patchwise = report['settings'][2]['images'][0]
     assert patchwise['flops']['paper']['percent_of_largest'] == pytest.approx(100.0)
     full = report['settings'][1]['images'][0]  # 97x250: 36 tiles hold 1.52x the pixels of the image
@@ -108,12 +110,28 @@ def test_report_has_every_field_and_flops_follow_the_cost_table(setup, compared)
     assert len(rows) == 3 * (len(LR_SIZES) + 1)
 
 
-def test_patchwise_backbone_and_routing_to_the_backbone_agree(setup, compared):
-    _, report = compared
+def test_routing_every_tile_to_the_backbone_equals_the_patchwise_backbone(setup, tmp_path):
+    root, _ = setup
+    assert run_cli(direct(root, tmp_path, '--eta', -1e4, '--compare-backbone', '--no-save-images')) == 0
+    report = json.loads((tmp_path / 'report.json').read_text())
     routed, _, patchwise = report['settings']
+    compared = 0
     for a, b in zip(routed['images'], patchwise['images']):
-        if a['counts'][-1] == a['patches'] and a['psnr'] is not None:  # every tile went to the backbone
-            assert a['psnr'] == pytest.approx(b['psnr'], abs=1e-9)
+        assert a['counts'][:-1] == [0, 0] and a['counts'][-1] == a['patches']  # eta << 0: all to the backbone
+        if a['psnr'] is not None:
+            assert a['psnr'] == pytest.approx(b['psnr'], abs=1e-9) and a['ssim_y'] == b['ssim_y']
+            compared += 1
+    assert compared >= 3
+
+
+def test_images_too_small_to_score_get_no_metric_instead_of_nan(compared):
+    _, report = compared
+    records = {r['image']: r for r in report['settings'][0]['images']}
+    tiny, pixel = records['e_4x4'], records['c_1x1']
+    assert tiny['psnr_y'] is not None and tiny['ssim_y'] is None  # 16x16 SR: 8x8 left after the crop
+    assert pixel['psnr'] is None and pixel['ssim'] is None
+    set_row = report['settings'][0]['sets'][0]
+    assert np.isfinite(set_row['ssim_y']) and set_row['scored_images'] == len(LR_SIZES) - 1
 
 
 def test_budget_lands_within_two_points_and_eta_lowers_flops(setup, tmp_path):
@@ -178,7 +196,7 @@ def test_bad_inputs_are_listed_and_the_rest_is_processed(setup, tmp_path, capsys
     assert set(failed) == {'broken.png', 'notes.txt', 'b_33x31.png'}
     assert 'corrupt' in failed['broken.png'] and 'scale' in failed['b_33x31.png'] and '124x132' in failed['b_33x31.png']
     done = {r['image'] for r in report['settings'][0]['images']}
-    assert done == {'a_97x250', 'c_1x1', 'd_200x260', 'gray', 'rgba', 'deep'}
+    assert done == {'a_97x250', 'c_1x1', 'd_200x260', 'e_4x4', 'gray', 'rgba', 'deep'}
     noted = {Path(n['file']).stem for n in report['notes']}
     assert {'gray', 'rgba', 'deep'} <= noted
     printed = capsys.readouterr().out
@@ -199,6 +217,20 @@ def test_checkpoint_that_does_not_fit_is_named(setup, tmp_path, capsys, change, 
     err = capsys.readouterr().err
     assert code == 2 and 'bad.pth' in err and needle in err
     assert not (tmp_path / 'out' / 'report.json').exists()
+
+
+@pytest.mark.parametrize('extra,needle', [
+    (['--gt', '/nonexistent/hr'], '--gt'),
+    (['--sweep', '0.5,0.501'], 'budgets must differ'),
+    (['--eta', 'nan'], 'finite'),
+    (['--router-file', 'x.json'], '--router laplacian'),
+])
+def test_bad_options_stop_before_any_image(setup, tmp_path, capsys, extra, needle):
+    root, _ = setup
+    code = run_cli(['--input', root / 'lr', '--checkpoint', root / 'net.pth', '--network', root / 'net.yml',
+                    '--out', tmp_path, *extra])
+    assert code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / 'report.json').exists()
 
 
 def test_wrong_number_of_branches_is_named(setup, tmp_path, capsys):

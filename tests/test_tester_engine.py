@@ -84,8 +84,10 @@ def test_full_image_cost_matches_counting_the_whole_image(arch):
 
 
 def test_measure_times_and_reports_process_memory():
+    with measure(torch.device('cpu')) as before:
+        pass
     with measure(torch.device('cpu')) as m:
         block = torch.ones(64, 2**20)  # 256 MiB held during the block
         block.sum()
     assert m.seconds > 0
-    assert m.memory_kind == 'process_rss' and m.peak_memory_mb > 256
+    assert m.memory_kind == 'process_rss' and m.peak_memory_mb - before.peak_memory_mb >= 240

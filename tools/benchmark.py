@@ -33,10 +33,9 @@ import cv2
 import numpy as np
 import torch
 from basicsr.archs import build_network
-from basicsr.utils import img2tensor
 
 from cdnsr_plugin.checkpoint import load_weights
-from cdnsr_plugin.data.image_io import Skipped, list_images, read_image
+from cdnsr_plugin.data.image_io import Skipped, list_images, read_image, to_tensor
 from cdnsr_plugin.routing.flops import CONVENTIONS, cost_table, full_image_cost
 from cdnsr_plugin.routing.routers import forced_mix_labels, laplacian_scores
 from cdnsr_plugin.tester.config import network_options
@@ -70,7 +69,7 @@ def load_inputs(folder: Path, limit: int, size: tuple[int, int]) -> list[tuple[s
     for path in list_images(folder, skipped)[:limit]:
         img, _ = read_image(path)
         img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-        inputs.append((path.stem, img2tensor(img.astype(np.float32) / 255.0, bgr2rgb=True, float32=True)))
+        inputs.append((path.stem, to_tensor(img)))
     if not inputs:
         raise SystemExit(f'no usable images in {folder}')
     return inputs

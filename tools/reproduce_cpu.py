@@ -28,15 +28,15 @@ import numpy as np
 import torch
 import yaml
 from basicsr.archs import build_network
-from basicsr.metrics.psnr_ssim import calculate_psnr, calculate_ssim
-from basicsr.utils import img2tensor, tensor2img
+from basicsr.utils import tensor2img
 from cdnsr_plugin.checkpoint import load_weights
 from cdnsr_plugin.compat import load_yaml
-from cdnsr_plugin.data.image_io import read_image
+from cdnsr_plugin.data.image_io import read_image, to_tensor
 from cdnsr_plugin.data.prepare import PrepareOptions, build_reference, prepare
 from cdnsr_plugin.data.test_sets import Tier, build_test_sets
 from cdnsr_plugin.routing.flops import cost_table
 from cdnsr_plugin.routing.inference import routed_super_resolve, super_resolve_patches
+from cdnsr_plugin.tester.run import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (demo option file, alpha or None, stage fractions)
@@ -110,16 +110,16 @@ def evaluate(opt: dict, checkpoint: Path, test_dir: Path) -> dict:
     for hr_path in sorted((test_dir / 'HR').glob('*.png')):
         hr, _ = read_image(hr_path)
         lr, _ = read_image(test_dir / 'LR_bicubic' / 'X4' / hr_path.name)
-        lq = img2tensor(lr.astype(np.float32) / 255.0, bgr2rgb=True, float32=True)
+        lq = to_tensor(lr)
         if routed:
             sr, labels, _ = routed_super_resolve(net, lq, max_batch=256)
             found = torch.bincount(labels, minlength=net.num_classes)
             counts = found if counts is None else counts + found
         else:
             sr, _ = super_resolve_patches(lq, net, scale=4)
-        sr_img = tensor2img(sr)
-        psnrs.append(calculate_psnr(sr_img, hr, crop_border=4, test_y_channel=True))
-        ssims.append(calculate_ssim(sr_img, hr, crop_border=4, test_y_channel=True))
+        scores = metrics(tensor2img(sr), hr, crop=4)  # the tester's BasicSR PSNR/SSIM
+        psnrs.append(scores['psnr_y'])
+        ssims.append(scores['ssim_y'])
     result = {'psnr': float(np.mean(psnrs)), 'ssim': float(np.mean(ssims))}
     if routed:
         table = cost_table(net, patch=32)

@@ -17,10 +17,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm'})
 
@@ -132,3 +135,9 @@ def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
     """Crop bottom/right so that height and width are multiples of ``scale``."""
     height, width = img.shape[:2]
     return img[:height - height % scale, :width - width % scale]
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 BGR (H, W, 3) -> float32 RGB tensor (3, H, W) in [0, 1], as BasicSR's ``img2tensor`` makes it."""
+    from basicsr.utils import img2tensor  # after cdnsr_plugin's torchvision alias
+    return img2tensor(img.astype(np.float32) / 255.0, bgr2rgb=True, float32=True)

@@ -208,24 +208,33 @@ def format_table(table: CostTable) -> str:
     return '\n'.join(lines)
 
 
-def full_image_cost(net: nn.Module, height: int, width: int, probe: int = 32, num_in_ch: int = 3) -> dict[str, float]:
-    """Cost of ``net`` on a whole ``height x width`` image, both conventions, without running it.
+def full_image_coefficients(net: nn.Module, probe: int = 32, num_in_ch: int = 3) -> dict[str, tuple[float, float]]:
+    """``(a, b)`` per convention with cost = ``a * pixels + b`` for ``net`` on a whole image.
 
-    A convolutional SR network costs ``a * pixels + b``: every convolution does the same work per output
-    pixel, and the few size-independent terms (e.g. RCAN's channel attention on pooled 1x1 maps) make
-    ``b``. Both are measured with ptflops at ``probe`` and ``2 * probe`` and extrapolated, so an 8K image
-    is never run through the counter.
-
-    Returns:
-        ``{'paper': flops, 'macs': macs}`` for one forward pass on the whole image.
+    A convolutional SR network does the same work per output pixel in every convolution; the few
+    size-independent terms (e.g. RCAN's channel attention on pooled 1x1 maps) make ``b``. Both are measured
+    with ptflops at ``probe`` and ``2 * probe``; compute them once per network, then call ``full_image_cost``.
     """
     small, large = probe * probe, 4 * probe * probe
     at_small = measure(net, 'probe', (num_in_ch, probe, probe))
     at_large = measure(net, 'probe', (num_in_ch, 2 * probe, 2 * probe))
-    pixels = height * width
     result = {}
     for convention in CONVENTIONS:
         a = (at_large.value(convention) - at_small.value(convention)) / (large - small)
-        b = at_small.value(convention) - a * small
-        result[convention] = a * pixels + b
+        result[convention] = (a, at_small.value(convention) - a * small)
     return result
+
+
+def full_image_cost(net_or_coefficients: nn.Module | dict, height: int, width: int,
+                    probe: int = 32) -> dict[str, float]:
+    """Cost of a network on a whole ``height x width`` image, both conventions, without running it on the image.
+
+    Args:
+        net_or_coefficients: the network, or its ``full_image_coefficients`` (faster for many images).
+
+    Returns:
+        ``{'paper': flops, 'macs': macs}`` for one forward pass on the whole image.
+    """
+    coefficients = (net_or_coefficients if isinstance(net_or_coefficients, dict)
+                    else full_image_coefficients(net_or_coefficients, probe))
+    return {convention: a * height * width + b for convention, (a, b) in coefficients.items()}

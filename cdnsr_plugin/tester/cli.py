@@ -19,7 +19,7 @@ from cdnsr_plugin.tester.run import Runner, sweep_series
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = from_args(argv)
-        runner = Runner(cfg)
+        runner = Runner(cfg, command=' '.join(['test_patches.py', *(sys.argv[1:] if argv is None else argv)]))
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
@@ -31,6 +31,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if series:
             written.append(reporting.plot_psnr_flops(series, cfg.out / 'psnr_flops.png', cfg.convention,
                                                      title=f'{cfg.name}: PSNR (Y) vs FLOPs per patch'))
+        else:
+            print('No PSNR-FLOPs plot: no image had ground truth to score (give --gt or dataroot_gt).')
     print(reporting.format_summary(report))
     first = next((s['images'] for s in report['settings'] if s['name'] == cfg.save_setting), [])
     if first and first[0]['sr_path']:

@@ -14,6 +14,7 @@ into the checkpoint's experiment folder (``experiments/<name>/models/x.pth`` -> 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -76,6 +77,7 @@ class TestConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``tools/test_patches.py``."""
     parser = argparse.ArgumentParser(
         prog='test_patches.py', description='Routed, full-coverage patch-wise SR with reports, class maps and a '
         'cost knob. Either -opt TEST_OPTIONS.yml, or --input LR_DIR [--gt HR_DIR] --checkpoint CKPT --scale S.')
@@ -140,11 +142,19 @@ def _dataset_specs(opt: dict, source: str) -> list[DatasetSpec]:
         if not data.get('dataroot_lq'):
             raise ValueError(f'{key} has no dataroot_lq (the folder of LR images)')
         gt = data.get('dataroot_gt')
+        _check_folder(Path(data['dataroot_lq']).expanduser(), f'{key}.dataroot_lq')
+        if gt:
+            _check_folder(Path(gt).expanduser(), f'{key}.dataroot_gt')
         specs.append(DatasetSpec(str(data.get('name', phase)), Path(data['dataroot_lq']).expanduser(),
                                  Path(gt).expanduser() if gt else None, data.get('filename_tmpl', '{}')))
     if not specs:
         raise ValueError(f'{source} has no datasets: add datasets.test_1 with dataroot_lq (and dataroot_gt)')
     return specs
+
+
+def _check_folder(path: Path, key: str) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f'{key}: {path} is not a folder of images; check the path')
 
 
 def network_options(path: Path) -> dict:
@@ -190,9 +200,14 @@ def _settings(args: argparse.Namespace, val: dict, router: str) -> list[Setting]
             raise ValueError(f'budget must be a fraction of the largest branch\'s cost such as 0.5, got {budget}')
         settings = [Setting(f'budget={float(budget):.2f}', budget=float(budget))]
     elif eta is not None:
+        if not math.isfinite(float(eta)):
+            raise ValueError(f'eta must be a finite number (0 = the classifier\'s argmax), got {eta}')
         settings = [Setting(f'eta={float(eta):g}', eta=float(eta))]
     else:
         settings = [Setting('argmax', eta=0.0)]
+    names = [setting.name for setting in settings]
+    if len(set(names)) != len(names):
+        raise ValueError(f'sweep budgets must differ at two decimals, got {names}')
     if args.compare_backbone or val.get('compare_backbone'):
         settings += [Setting('backbone full image', 'backbone-full'), Setting('backbone patch-wise', 'backbone-patch')]
     return settings
@@ -244,10 +259,13 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
         if args.checkpoint is None and not (args.branches and args.network):
             raise ValueError('direct mode needs --checkpoint CKPT (the trained weights, e.g. '
                              'experiments/<name>/models/net_g_latest.pth), or --network NET.yml with --branches')
-        datasets = [DatasetSpec(args.input.name or 'input', args.input, args.gt)]
+        _check_folder(args.input, '--input')
+        if args.gt is not None:
+            _check_folder(args.gt, '--gt')
+        datasets = [DatasetSpec(args.input.resolve().name or 'input', args.input, args.gt)]
         network = network_options(args.network or find_experiment_options(args.checkpoint))
         parts = {}
-        checkpoint, name, scale, val = args.checkpoint, args.name or args.input.name, args.scale, {}
+        checkpoint, name, scale, val = args.checkpoint, args.name or datasets[0].name, args.scale, {}
         param_key, strict, device = None, True, args.device or 'auto'
     if args.scale is not None:
         scale = args.scale
@@ -258,6 +276,12 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
     if router not in ROUTERS:
         raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
     router_file = args.router_file or (Path(val['router_file']) if val.get('router_file') else None)
+    if router == 'classifier' and (router_file or args.fit_router):
+        raise ValueError('--router-file / --fit-router (val.router_file) set the Laplacian router; add --router '
+                         'laplacian or drop them')
+    convention = _pick(args.convention, val.get('convention'), 'paper')
+    if convention not in ('paper', 'macs'):
+        raise ValueError(f"val.convention / --convention must be 'paper' or 'macs', got {convention!r}")
     if router == 'laplacian' and not (router_file or args.fit_router):
         raise ValueError('the Laplacian router needs thresholds: --router-file FILE.json, or --fit-router '
                          'PREPARED_SET (the tools/prepare_data.py output with labels.txt)')
@@ -276,6 +300,6 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
         precision=_pick(args.precision, val.get('precision'), 'fp32'), device=device, threads=args.threads,
         router=router, router_file=router_file, fit_router=args.fit_router, settings=settings,
         compare_backbone=bool(args.compare_backbone or val.get('compare_backbone')),
-        convention=_pick(args.convention, val.get('convention'), 'paper'),
+        convention=convention,
         save_images=not args.no_save_images and val.get('save_img', True) is not False,
         save_setting=_check_save_setting(args.save_setting, settings))

@@ -16,8 +16,8 @@ bounded for 8K outputs (tiles are cut from the LR image chunk by chunk, and SR t
 Baselines on the same input: ``backbone_patchwise`` (every tile through the largest branch, no
 classifier) and ``backbone_full`` (the largest branch on the whole image, no tiling).
 
-Speed settings: ``torch.inference_mode``; ``channels_last`` memory format (about 1.6x faster for
-convolutions on CPU, see DESIGN.md's measurements; the result is the same to float rounding);
+Speed settings: ``torch.inference_mode``; ``channels_last`` memory format (measured with
+``tools/benchmark.py --no-channels-last``, docs/RESULTS.md; the result is the same to float rounding);
 ``precision`` ``fp16``/``bf16`` on CUDA only (CPU half-precision convolutions are slower than fp32);
 the merge always accumulates in float32.
 """
@@ -43,11 +43,12 @@ PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat
 # that fills a GPU with 32x32 tiles; it was NOT measured here (no GPU was available), measure with
 # tools/benchmark.py --device cuda --max-batch-sweep 32,64,128,256,512.
 DEFAULT_MAX_BATCH = {'cpu': 16, 'cuda': 128}
-
-
-def default_max_batch(device: torch.device) -> int:
-    return DEFAULT_MAX_BATCH.get(torch.device(device).type, DEFAULT_MAX_BATCH['cpu'])
 DEFAULT_CHUNK = 1024  # tiles cut, classified and merged per step
+
+
+def default_max_batch(device: torch.device | str) -> int:
+    """``DEFAULT_MAX_BATCH`` for the device's type (the CPU value for other types)."""
+    return DEFAULT_MAX_BATCH.get(torch.device(device).type, DEFAULT_MAX_BATCH['cpu'])
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class EngineOptions:
     precision: str = 'fp32'
 
     def validate(self, device: torch.device) -> None:
+        """Raise ``ValueError`` naming the first option that is out of range for ``device``."""
         for name in ('patch', 'stride', 'max_batch', 'chunk'):
             value = getattr(self, name)
             if name == 'max_batch' and value is None:
@@ -203,6 +205,7 @@ class RoutedEngine:
 
 # ---------------------------------------------------------------------- measuring
 def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock times cover it; nothing on the CPU."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
@@ -215,8 +218,9 @@ def _rss_mb() -> Optional[float]:
         return None
 
 
+@dataclass
 class Measurement:
-    """Wall time and peak memory of a block; see ``measure``."""
+    """Wall time and peak memory of a block; filled in by ``measure`` when the block ends."""
 
     seconds: float = 0.0
     peak_memory_mb: Optional[float] = None

@@ -79,7 +79,7 @@ def _jsonable(value: Any) -> Any:
 # ----------------------------------------------------------------------------- aggregation
 
 def _mean_or_none(values: list[Optional[float]]) -> Optional[float]:
-    scored = [value for value in values if value is not None]
+    scored = [value for value in values if value is not None and math.isfinite(value)]  # inf: an exact copy
     return float(sum(scored) / len(scored)) if scored else None
 
 

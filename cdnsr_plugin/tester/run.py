@@ -27,16 +27,17 @@ import numpy as np
 import torch
 from basicsr.archs import build_network
 from basicsr.metrics import calculate_psnr, calculate_ssim
-from basicsr.utils import img2tensor, tensor2img
+from basicsr.utils import tensor2img
 from tqdm import tqdm
 
 from cdnsr_plugin.checkpoint import load_weights
-from cdnsr_plugin.data.image_io import SkipImage, Skipped, list_images, read_image, write_image
-from cdnsr_plugin.routing.flops import CONVENTIONS, CostTable, cost_table, full_image_cost
+from cdnsr_plugin.data.image_io import SkipImage, Skipped, list_images, read_image, to_tensor, write_image
+from cdnsr_plugin.routing.flops import CONVENTIONS, CostTable, cost_table, full_image_coefficients, full_image_cost
 from cdnsr_plugin.routing.routers import LaplacianRouter, cost_aware_labels, solve_budget
 from cdnsr_plugin.tester import report as reporting
 from cdnsr_plugin.tester.config import DatasetSpec, Setting, TestConfig
-from cdnsr_plugin.tester.engine import EngineOptions, RoutedEngine, measure
+from cdnsr_plugin.routing.patches import PatchGrid
+from cdnsr_plugin.tester.engine import EngineOptions, Measurement, RoutedEngine, measure
 
 LAPLACIAN_MACS_PER_PIXEL = 8  # Y conversion (3) + 5-tap Laplacian; 'paper' counts 2x
 
@@ -55,6 +56,7 @@ class LoadedPair:
 
 # ---------------------------------------------------------------------- set-up
 def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if available, else CPU; a CUDA request without CUDA is an error."""
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     device = torch.device(name)
@@ -85,6 +87,7 @@ def load_network(cfg: TestConfig) -> torch.nn.Module:
 
 
 def load_router(cfg: TestConfig, num_classes: int) -> Optional[LaplacianRouter]:
+    """The Laplacian router (fitted and saved, or loaded), or ``None`` for the learned classifier."""
     if cfg.router != 'laplacian':
         return None
     if cfg.fit_router is not None:
@@ -130,7 +133,7 @@ def load_pair(path: Path, gt_path: Optional[Path], scale: int, has_gt: bool) -> 
             raise ImageFailure(f'{gt_path}: GT is {gt.shape[1]}x{gt.shape[0]} but {scale} x the LR '
                                f'{path.name} ({lr_img.shape[1]}x{lr_img.shape[0]}) is {want[1]}x{want[0]}; make '
                                'pairs with tools/make_test_sets.py or crop the GT to a multiple of the scale first')
-    lr = img2tensor(lr_img.astype(np.float32) / 255.0, bgr2rgb=True, float32=True)
+    lr = to_tensor(lr_img)
     return LoadedPair(path, lr, gt, notes)
 
 
@@ -149,43 +152,52 @@ def decide(setting: Setting, logits: Optional[torch.Tensor], router_labels: Opti
     return cost_aware_labels(logits, costs, setting.eta or 0.0), float(setting.eta or 0.0)
 
 
-def flops_of(setting: Setting, counts: list[int], table: CostTable, router_cost: Optional[dict],
-             backbone: torch.nn.Module, size: tuple[int, int]) -> dict[str, dict[str, float]]:
+def flops_of(setting: Setting, counts: list[int], table: CostTable, router_cost: Optional[dict[str, float]],
+             full_coefficients: Optional[dict], size: tuple[int, int]) -> dict[str, dict[str, float]]:
+    """Whole-image cost, cost per tile and % of the largest branch per tile, both conventions."""
     n = sum(counts)
     result = {}
-    full = full_image_cost(backbone, *size, probe=table.patch) if setting.kind == 'backbone-full' else None
     for convention in CONVENTIONS:
         largest = table.largest(convention)
         if setting.kind == 'backbone-full':
-            total = full[convention]
+            total = full_image_cost(full_coefficients, *size)[convention]
         elif setting.kind == 'backbone-patch':
             total = n * largest
-        else:
-            per_class = [branch.value(convention) for branch in table.branches]
-            extra = router_cost[convention] if router_cost else table.classifier.value(convention)
-            total = float(np.dot(counts, per_class)) + n * extra
+        elif router_cost is None:  # the learned classifier runs on every tile
+            total = table.routed(counts, convention) * n
+        else:  # the Laplacian router's cost replaces the classifier's
+            total = float(np.dot(counts, [b.value(convention) for b in table.branches])) + n * router_cost[convention]
         result[convention] = {'total': float(total), 'per_patch': total / n,
                               'percent_of_largest': 100.0 * total / n / largest}
     return result
 
 
+SSIM_WINDOW = 11  # BasicSR's SSIM uses an 11x11 Gaussian window in 'valid' mode
+
+
 def metrics(sr_img: np.ndarray, gt: Optional[np.ndarray], crop: int) -> dict[str, Optional[float]]:
-    """BasicSR's PSNR/SSIM on uint8 BGR images, RGB and Y, ``crop_border = crop``."""
-    keys = ('psnr', 'ssim', 'psnr_y', 'ssim_y')
-    if gt is None or min(gt.shape[:2]) <= 2 * crop:
-        return dict.fromkeys(keys)
-    values = {}
+    """BasicSR's PSNR/SSIM on uint8 BGR images, RGB and Y, ``crop_border = crop``.
+
+    ``None`` where an image is too small to score after the crop (PSNR needs a pixel, SSIM its window)
+    and without ground truth.
+    """
+    values: dict[str, Optional[float]] = dict.fromkeys(('psnr', 'ssim', 'psnr_y', 'ssim_y'))
+    if gt is None:
+        return values
+    side = min(gt.shape[:2]) - 2 * crop
     for suffix, y in (('', False), ('_y', True)):
-        values[f'psnr{suffix}'] = float(calculate_psnr(sr_img, gt, crop, test_y_channel=y))
-        values[f'ssim{suffix}'] = float(calculate_ssim(sr_img, gt, crop, test_y_channel=y))
+        if side >= 1:
+            values[f'psnr{suffix}'] = float(calculate_psnr(sr_img, gt, crop, test_y_channel=y))
+        if side >= SSIM_WINDOW:
+            values[f'ssim{suffix}'] = float(calculate_ssim(sr_img, gt, crop, test_y_channel=y))
     return values
 
 
 class Runner:
     """Holds the network, engine, costs and results of one run (see the module docstring)."""
 
-    def __init__(self, cfg: TestConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: TestConfig, command: str = '') -> None:
+        self.cfg, self.command = cfg, command or ' '.join(sys.argv)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
@@ -195,7 +207,8 @@ class Runner:
         patch = cfg.patch
         self.router_cost = ({'macs': LAPLACIAN_MACS_PER_PIXEL * patch * patch,
                              'paper': 2 * LAPLACIAN_MACS_PER_PIXEL * patch * patch} if self.router else None)
-        self.backbone_for_costs = build_network(dict(net.branch_opts[-1])) if cfg.compare_backbone else None
+        self.full_coefficients = (full_image_coefficients(net.branches[-1], cfg.patch)
+                                  if any(s.kind == 'backbone-full' for s in cfg.settings) else None)
         options = EngineOptions(patch=cfg.patch, stride=cfg.stride, max_batch=cfg.max_batch,
                                 channels_last=cfg.channels_last, precision=cfg.precision)
         self.engine = RoutedEngine(net, options, self.device)
@@ -219,22 +232,25 @@ class Runner:
         self.engine.render(lr, torch.arange(len(grid)) % m, grid)
 
     def run_dataset(self, spec: DatasetSpec) -> None:
+        """Every image of one set; a bad image or folder is recorded in ``failures`` and the run goes on."""
         skipped = Skipped()
         try:
             paths = list_images(spec.lq, skipped)
-        except (FileNotFoundError, ValueError) as exc:
-            self.failures.append({'file': str(spec.lq), 'error': str(exc)})
+            gts = gt_index(spec, self.failures)
+        except (FileNotFoundError, ValueError, KeyError, IndexError) as exc:
+            self.failures.append({'file': str(spec.lq), 'error': f'{type(exc).__name__}: {exc}'})
             return
         self.failures.extend({'file': path, 'error': reason} for path, reason in skipped.items)
-        gts = gt_index(spec, self.failures)
         for path in tqdm(paths, desc=f'{spec.name}', unit='image', file=sys.stderr):
             try:
                 pair = load_pair(path, gts.get(path.stem), self.engine.scale, spec.gt is not None)
                 self.run_image(spec, pair)
             except ImageFailure as exc:
                 self.failures.append({'file': str(path), 'error': str(exc)})
-            except (RuntimeError, ValueError) as exc:  # e.g. out of memory on one huge image
+            except Exception as exc:  # noqa: BLE001 (one image must not end a batch run: OOM, I/O, cv2)
                 self.failures.append({'file': str(path), 'error': f'{type(exc).__name__}: {exc}'})
+                if self.device.type == 'cuda':
+                    torch.cuda.empty_cache()
 
     def run_image(self, spec: DatasetSpec, pair: LoadedPair) -> None:
         if pair.notes:
@@ -247,6 +263,7 @@ class Runner:
                 router_labels = self.engine.map_tiles(lr, lambda t: self.router(t.float()).cpu(), grid)
             elif any(s.kind == 'routed' for s in self.cfg.settings):
                 logits, _ = self.engine.classify(lr, grid)
+        records = {}  # kept only if every setting succeeds, so all settings compare the same images
         for setting in self.cfg.settings:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
@@ -264,23 +281,29 @@ class Runner:
             record = self.record(spec, pair, setting, labels, eta, sr_img, seconds, timing, grid)
             if setting.name == self.cfg.save_setting and self.cfg.save_images:
                 self.save_images(spec, pair.path.stem, sr_img, labels, grid, record)
-            self.records[setting.name].append(record)
+            records[setting.name] = record
+        for name, record in records.items():
+            self.records[name].append(record)
 
     def note(self, path: Path, notes: list[str]) -> None:
         self.notes.append({'file': str(path), 'notes': notes})
         tqdm.write(f'note: {path}: {"; ".join(notes)}', file=sys.stderr)
 
-    def record(self, spec, pair, setting, labels, eta, sr_img, seconds, timing, grid) -> dict:
+    def record(self, spec: DatasetSpec, pair: LoadedPair, setting: Setting, labels: torch.Tensor,
+               eta: Optional[float], sr_img: np.ndarray, seconds: float, timing: Measurement,
+               grid: PatchGrid) -> dict[str, Any]:
+        """The report's record of one image under one setting."""
         counts = torch.bincount(labels, minlength=self.engine.num_classes).tolist()
-        lr_size = [int(pair.lr.shape[-2]), int(pair.lr.shape[-1])]
-        backbone = self.backbone_for_costs if setting.kind == 'backbone-full' else None
-        return {'dataset': spec.name, 'image': pair.path.stem, 'lr_size': lr_size,
+        lr_size = (int(pair.lr.shape[-2]), int(pair.lr.shape[-1]))
+        return {'dataset': spec.name, 'image': pair.path.stem, 'lr_size': list(lr_size),
                 'sr_size': [int(sr_img.shape[0]), int(sr_img.shape[1])], 'patches': len(grid), 'counts': counts,
                 'eta': eta, **metrics(sr_img, pair.gt, self.engine.scale),
-                'flops': flops_of(setting, counts, self.table, self.router_cost, backbone, tuple(lr_size)),
+                'flops': flops_of(setting, counts, self.table, self.router_cost, self.full_coefficients, lr_size),
                 'time_s': seconds, 'peak_memory_mb': timing.peak_memory_mb, 'sr_path': None, 'overlay_path': None}
 
-    def save_images(self, spec, stem, sr_img, labels, grid, record) -> None:
+    def save_images(self, spec: DatasetSpec, stem: str, sr_img: np.ndarray, labels: torch.Tensor, grid: PatchGrid,
+                    record: dict[str, Any]) -> None:
+        """Write the SR image and its class map (atomically) and note their paths in ``record``."""
         folder = self.cfg.out / spec.name
         folder.mkdir(parents=True, exist_ok=True)
         sr_path, overlay_path = folder / f'{stem}.png', folder / f'{stem}_classmap.png'
@@ -295,7 +318,7 @@ class Runner:
         settings = [{'name': s.name, 'kind': s.kind, 'images': self.records[s.name],
                      'sets': reporting.aggregate(self.records[s.name])} for s in self.cfg.settings]
         return {'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-                'command': ' '.join(sys.argv), 'device': str(self.device), 'torch': torch.__version__,
+                'command': self.command, 'device': str(self.device), 'torch': torch.__version__,
                 'threads': torch.get_num_threads(), 'network': self.network_info(), 'settings': settings,
                 'comparison': comparisons(settings), 'failures': self.failures, 'notes': self.notes}
 
