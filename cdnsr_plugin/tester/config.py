@@ -233,40 +233,52 @@ def _parse_budgets(text: Any) -> list[float]:
     return budgets
 
 
+def _from_option_file(args: argparse.Namespace) -> dict[str, Any]:
+    """What a BasicSR test option file (``-opt``) says, with flags taking precedence."""
+    opt = load_yaml(args.opt)
+    if not isinstance(opt, dict):
+        raise ValueError(f'{args.opt} is not a mapping of options')
+    network = dict(opt.get('network_g') or {})
+    if not network:
+        raise ValueError(f'{args.opt} has no network_g section')
+    path_opt = opt.get('path') or {}
+    checkpoint = args.checkpoint or (Path(path_opt['pretrain_network_g']).expanduser()
+                                     if path_opt.get('pretrain_network_g') else None)
+    return {'datasets': _dataset_specs(opt, args.opt), 'network': network, 'checkpoint': checkpoint,
+            'name': args.name or opt.get('name') or Path(args.opt).stem, 'scale': opt.get('scale'),
+            'val': opt.get('val') or {}, 'param_key': path_opt.get('param_key_g'),
+            'strict': path_opt.get('strict_load_g', True),
+            'parts': {k: Path(v).expanduser() for k, v in path_opt.items()
+                      if k.startswith('pretrain_network_') and k != 'pretrain_network_g' and v},
+            'device': args.device or ('cpu' if opt.get('num_gpu') == 0 else 'auto')}
+
+
+def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Direct mode: ``--input [--gt] --checkpoint [--network]``."""
+    if args.checkpoint is None and not (args.branches and args.network):
+        raise ValueError('direct mode needs --checkpoint CKPT (the trained weights, e.g. '
+                         'experiments/<name>/models/net_g_latest.pth), or --network NET.yml with --branches')
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise FileNotFoundError(f'--checkpoint {args.checkpoint} does not exist; pass the .pth file training '
+                                'wrote (experiments/<name>/models/net_g_latest.pth)')
+    _check_folder(args.input, '--input')
+    if args.gt is not None:
+        _check_folder(args.gt, '--gt')
+    dataset = DatasetSpec(args.input.resolve().name or 'input', args.input, args.gt)
+    return {'datasets': [dataset], 'network': network_options(args.network or find_experiment_options(args.checkpoint)),
+            'checkpoint': args.checkpoint, 'name': args.name or dataset.name, 'scale': args.scale, 'val': {},
+            'param_key': None, 'strict': True, 'parts': {}, 'device': args.device or 'auto'}
+
+
 def from_args(argv: Optional[list[str]] = None) -> TestConfig:
     """Parse the command line (and the option file it names) into a validated ``TestConfig``."""
     args = build_parser().parse_args(argv)
     if bool(args.opt) == bool(args.input):
         raise ValueError('give either -opt TEST_OPTIONS.yml or --input LR_DIR (direct mode), not both or neither')
-    if args.opt:
-        opt = load_yaml(args.opt)
-        if not isinstance(opt, dict):
-            raise ValueError(f'{args.opt} is not a mapping of options')
-        datasets = _dataset_specs(opt, args.opt)
-        network = dict(opt.get('network_g') or {})
-        if not network:
-            raise ValueError(f'{args.opt} has no network_g section')
-        path_opt = opt.get('path') or {}
-        checkpoint = args.checkpoint or (Path(path_opt['pretrain_network_g']).expanduser()
-                                         if path_opt.get('pretrain_network_g') else None)
-        name, scale, val = args.name or opt.get('name') or Path(args.opt).stem, opt.get('scale'), opt.get('val') or {}
-        param_key, strict = path_opt.get('param_key_g'), path_opt.get('strict_load_g', True)
-        parts = {k: Path(v).expanduser() for k, v in path_opt.items()
-                 if k.startswith('pretrain_network_') and k != 'pretrain_network_g' and v}
-        num_gpu = opt.get('num_gpu')
-        device = args.device or ('cpu' if num_gpu == 0 else 'auto')
-    else:
-        if args.checkpoint is None and not (args.branches and args.network):
-            raise ValueError('direct mode needs --checkpoint CKPT (the trained weights, e.g. '
-                             'experiments/<name>/models/net_g_latest.pth), or --network NET.yml with --branches')
-        _check_folder(args.input, '--input')
-        if args.gt is not None:
-            _check_folder(args.gt, '--gt')
-        datasets = [DatasetSpec(args.input.resolve().name or 'input', args.input, args.gt)]
-        network = network_options(args.network or find_experiment_options(args.checkpoint))
-        parts = {}
-        checkpoint, name, scale, val = args.checkpoint, args.name or datasets[0].name, args.scale, {}
-        param_key, strict, device = None, True, args.device or 'auto'
+    base = _from_option_file(args) if args.opt else _from_flags(args)
+    datasets, network, checkpoint, name = base['datasets'], base['network'], base['checkpoint'], base['name']
+    scale, val, param_key, strict, parts, device = (base[k] for k in ('scale', 'val', 'param_key', 'strict',
+                                                                     'parts', 'device'))
     if args.scale is not None:
         scale = args.scale
     if args.branches:
