@@ -134,6 +134,11 @@ class CDNSRNet(nn.Module):
         if mode not in ROUTING_MODES:
             raise ValueError(f'{key} must be one of {ROUTING_MODES}, got {mode!r}')
 
+    def named_parts(self) -> dict[str, nn.Module]:
+        """``{'classifier': ..., 'branch0': ..., ...}``: the parts that load from their own checkpoints
+        (``path.pretrain_network_<part>``)."""
+        return {'classifier': self.classifier, **{f'branch{i}': b for i, b in enumerate(self.branches)}}
+
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits, shape (N, M)."""
         return self.classifier(x)

@@ -147,8 +147,7 @@ class CDNSRModel(SRModel):
             return
         net, logger = self.bare_net, get_root_logger()
         key, strict = path_opt.get('param_key_parts'), path_opt.get('strict_load_parts', True)
-        parts = {'pretrain_network_classifier': net.classifier}
-        parts.update({f'pretrain_network_branch{i}': branch for i, branch in enumerate(net.branches)})
+        parts = {f'pretrain_network_{name}': part for name, part in net.named_parts().items()}
         unknown = [k for k in path_opt if k.startswith('pretrain_network_') and k != 'pretrain_network_g'
                    and k not in parts]
         if unknown:

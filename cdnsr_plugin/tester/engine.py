@@ -150,33 +150,26 @@ class RoutedEngine:
 
     def render(self, lr: torch.Tensor, labels: torch.Tensor, grid: Optional[PatchGrid] = None) -> torch.Tensor:
         """SR image (C, H*scale, W*scale), float32, with tile ``k`` run by branch ``labels[k]``."""
-        image = self._image(lr)
-        grid = grid or self.grid(image)
-        labels = self._check_labels(labels, grid)
-        done = [0]
-
-        def sr_fn(tiles: torch.Tensor) -> torch.Tensor:
-            chunk_labels = labels[done[0]:done[0] + len(tiles)].to(self.device)
-            done[0] += len(tiles)
-            return self.net.route(self._prepare(tiles), chunk_labels, max_batch=self.max_batch).float()
-
-        with torch.inference_mode():
-            sr, _ = super_resolve_patches(image, sr_fn, self.scale, self.options.patch, self.options.stride,
-                                          self.options.chunk)
-        return sr
+        return self._merge_tiles(lr, labels, grid, lambda tiles, chunk_labels: self.net.route(
+            tiles, chunk_labels.to(self.device), max_batch=self.max_batch))
 
     def render_loop(self, lr: torch.Tensor, labels: torch.Tensor, grid: Optional[PatchGrid] = None) -> torch.Tensor:
         """As ``render``, but one tile per forward pass (ClassSR's tester): the reference and baseline."""
+        return self._merge_tiles(lr, labels, grid, lambda tiles, chunk_labels: torch.cat(
+            [self.net.branches[j](tiles[i:i + 1]) for i, j in enumerate(chunk_labels.tolist())]))
+
+    def _merge_tiles(self, lr: torch.Tensor, labels: torch.Tensor, grid: Optional[PatchGrid],
+                     run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Stream the tiles of ``lr`` chunk by chunk through ``run(tiles, their labels)`` and merge the SR tiles."""
         image = self._image(lr)
         grid = grid or self.grid(image)
         labels = self._check_labels(labels, grid)
-        done = [0]
+        done = [0]  # super_resolve_patches hands over the chunks in grid order
 
         def sr_fn(tiles: torch.Tensor) -> torch.Tensor:
-            chunk_labels = labels[done[0]:done[0] + len(tiles)].tolist()
+            chunk_labels = labels[done[0]:done[0] + len(tiles)]
             done[0] += len(tiles)
-            tiles = self._prepare(tiles)
-            return torch.cat([self.net.branches[j](tiles[i:i + 1]) for i, j in enumerate(chunk_labels)]).float()
+            return run(self._prepare(tiles), chunk_labels).float()
 
         with torch.inference_mode():
             sr, _ = super_resolve_patches(image, sr_fn, self.scale, self.options.patch, self.options.stride,

@@ -74,8 +74,7 @@ def load_network(cfg: TestConfig) -> torch.nn.Module:
     net = build_network(dict(cfg.network))
     if cfg.checkpoint is not None:
         load_weights(net, cfg.checkpoint, cfg.param_key, cfg.strict)
-    parts = {'pretrain_network_classifier': net.classifier}
-    parts.update({f'pretrain_network_branch{i}': branch for i, branch in enumerate(net.branches)})
+    parts = {f'pretrain_network_{name}': part for name, part in net.named_parts().items()}
     for key, path in cfg.parts.items():
         if key not in parts:
             raise ValueError(f'{key}: the network has parts {sorted(parts)} only (it has {len(net.branches)} '
