@@ -1,4 +1,5 @@
-"""Shared fixtures: real photos (../shared/data/photos, else scikit-image's bundled ones)."""
+"""Shared fixtures: real photos that ship with scikit-image (the tests never read ../shared: users run
+them on a clean clone without it)."""
 from __future__ import annotations
 
 import os
@@ -11,21 +12,13 @@ os.environ.setdefault('CDNSR_PLUGIN_AUTOLOAD', '1')
 import cdnsr_plugin  # noqa: E402,F401  (registers the plugin; also installs the torchvision alias)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_PHOTOS = REPO.parent / 'shared' / 'data' / 'photos'
-
-
-def _skimage_photos() -> list[np.ndarray]:
-    from skimage import data
-    return [getattr(data, name)()[..., ::-1].copy() for name in ('astronaut', 'coffee', 'chelsea', 'rocket')]
+PHOTO_NAMES = ('astronaut', 'coffee', 'chelsea', 'rocket')  # 512x512, 400x600, 300x451, 427x640
 
 
 def load_photos(limit: int = 4) -> list[np.ndarray]:
-    """Real photos as uint8 BGR arrays (OpenCV order, as BasicSR reads them)."""
-    import cv2
-    paths = sorted(SHARED_PHOTOS.glob('*.png'))[:limit] if SHARED_PHOTOS.is_dir() else []
-    photos = [cv2.imread(str(path), cv2.IMREAD_COLOR) for path in paths]
-    photos = [photo for photo in photos if photo is not None]
-    return photos or _skimage_photos()[:limit]
+    """scikit-image's bundled colour photos as uint8 BGR arrays (OpenCV order, as BasicSR reads them)."""
+    from skimage import data
+    return [getattr(data, name)()[..., ::-1].copy() for name in PHOTO_NAMES[:limit]]
 
 
 @pytest.fixture(scope='session')

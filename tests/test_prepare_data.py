@@ -1,5 +1,6 @@
 """tools/prepare_data.py: difficulty-classified LMDBs from real photos, loaded by BasicSR and the plugin."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ TINY_REFERENCE = {'type': 'MSRResNet', 'num_feat': 8, 'num_block': 1, 'upscale':
 
 @pytest.fixture(scope='module')
 def hr_folder(tmp_path_factory, photos):
-    """Three real photos cropped to 300x400 (fast), as PNGs."""
+    """Three real photos cropped to at most 300x400 (fast), as PNGs."""
     folder = tmp_path_factory.mktemp('hr')
     for i, photo in enumerate(photos[:3]):
         y, x = photo.shape[0] // 4, photo.shape[1] // 4
@@ -55,14 +56,16 @@ def meta_keys(lmdb_dir: Path) -> list:
     return [line.split('.')[0] for line in (lmdb_dir / 'meta_info.txt').read_text().splitlines()]
 
 
-def test_keys_match_and_cover_every_sub_image(prepared):
+def test_keys_match_and_cover_every_sub_image(prepared, hr_folder):
     out, summary = prepared
     lq, gt = meta_keys(out / 'lq.lmdb'), meta_keys(out / 'gt.lmdb')
     assert lq == gt and len(set(lq)) == len(lq) == summary['num_pairs']
     expected = 0
-    for factor in (1.0, 0.7):
-        hr_h, hr_w = (round(300 * factor) // 4 * 4, round(400 * factor) // 4 * 4) if factor != 1 else (300, 400)
-        expected += 3 * len(PatchGrid.for_image(hr_h // 4, hr_w // 4, 32, 16))
+    for path in hr_folder.iterdir():  # the sizes of the crops as written, whatever the photos were
+        height, width = cv2.imread(str(path)).shape[:2]
+        for factor in (1.0, 0.7):  # basicsr's imresize gives ceil(factor * size) pixels; then mod-crop to 4
+            hr_h, hr_w = (height, width) if factor == 1 else (math.ceil(height * factor), math.ceil(width * factor))
+            expected += len(PatchGrid.for_image(hr_h // 4, hr_w // 4, 32, 16))
     assert summary['num_pairs'] == expected
     assert all(key.isascii() and '.' not in key and ' ' not in key for key in lq)
 

@@ -46,7 +46,7 @@ def photo_logits(photo_tiles) -> torch.Tensor:
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory, photos) -> Path:
-    """A real prepared set (bicubic reference, 3 classes, 72 sub-images of the shared photos)."""
+    """A real prepared set (bicubic reference, 3 classes, sub-images of three bundled photos)."""
     from training_helpers import make_train_set
     return make_train_set(tmp_path_factory.mktemp('prepared'), photos)
 
@@ -245,7 +245,7 @@ def test_router_load_errors_name_the_file(tmp_path):
 def test_from_prepared_fits_a_real_prepared_set(prepared):
     from cdnsr_plugin.data.difficulty_dataset import read_labels
     router = LaplacianRouter.from_prepared(prepared)
-    total = json.loads((prepared / 'summary.json').read_text())['num_pairs']  # 72 from the shared photos
+    total = json.loads((prepared / 'summary.json').read_text())['num_pairs']
     assert router.num_classes == 3 and f'{total} of {total} sub-images' in router.fitted_on
     assert router.agreement > 0.5  # well above chance (1/3): edge energy tracks bicubic difficulty (0.75 here)
     # the same fit from the sub-images read independently, through basicsr's LMDB client

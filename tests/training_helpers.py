@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_train_set(root: Path, photos: list) -> Path:
-    """Difficulty-labelled LMDBs (bicubic reference, 3 classes) from 300x400 crops of three photos."""
+    """Difficulty-labelled LMDBs (bicubic reference, 3 classes) from crops of at most 300x400 of three photos."""
     hr = root / 'hr'
     hr.mkdir(parents=True)
     for i, photo in enumerate(photos[:3]):
