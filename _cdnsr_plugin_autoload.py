@@ -4,9 +4,11 @@ Installed with the plugin, the file ``cdnsr_plugin-autoload.pth`` in site-packag
 ``import _cdnsr_plugin_autoload`` at interpreter start-up. This module imports nothing heavy: it
 only puts a finder on ``sys.meta_path`` that waits for the first ``import basicsr``. When that
 happens it (1) installs the torchvision alias basicsr 1.4.2 needs, (2) lets basicsr import as
-usual and (3) imports ``cdnsr_plugin``, whose import registers the plugin's archs, models, losses
-and datasets into basicsr's registries. That is why BasicSR's stock ``basicsr/train.py`` finds
-``type: CDNSRNet`` in an option file.
+usual, (3) imports ``cdnsr_plugin``, whose import registers the plugin's archs, models, losses
+and datasets into basicsr's registries, and (4) only if the program is BasicSR's own ``basicsr/train.py``
+or ``basicsr/test.py``, applies ``cdnsr_plugin.compat.patch_basicsr`` (safe YAML loading of option files,
+gloo DDP without GPUs; see compat.py). That is why BasicSR's stock ``basicsr/train.py`` finds
+``type: CDNSRNet`` in an option file; any other program that imports basicsr gets it unpatched.
 
 Turn it off with the environment variable ``CDNSR_PLUGIN_AUTOLOAD=0`` (then ``import
 cdnsr_plugin`` yourself, or use ``python -m cdnsr_plugin.train``).
@@ -37,12 +39,22 @@ class _AfterBasicsrLoader(Loader):
         self._wrapped.exec_module(module)
         try:
             import cdnsr_plugin  # noqa: F401  (registration is the import's side effect)
+            if running_basicsr_script():
+                from cdnsr_plugin.compat import patch_basicsr
+                patch_basicsr()
         except Exception as exc:  # never break basicsr for its other users
             warnings.warn(f'cdnsr_plugin could not register itself into basicsr ({exc!r}); '
                           f'plugin types will be missing. Set {ENV_VAR}=0 to silence this.')
 
     def __getattr__(self, name):
         return getattr(self._wrapped, name)
+
+
+def running_basicsr_script() -> bool:
+    """Whether this program is BasicSR's own ``basicsr/train.py`` or ``basicsr/test.py`` (a BasicSR checkout)."""
+    script = sys.argv[0] if sys.argv and sys.argv[0] else ''
+    path = os.path.abspath(script)
+    return os.path.basename(path) in ('train.py', 'test.py') and os.path.basename(os.path.dirname(path)) == 'basicsr'
 
 
 class _BasicsrFinder(MetaPathFinder):

@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 PTH = 'cdnsr_plugin-autoload.pth'
-PACKAGED_OPTIONS = ['train_CDNSR_FSRCNN_demo.yml']
+PACKAGED_OPTIONS = ['demo/train_CDNSR_FSRCNN_demo.yml']  # under options/; installed flat in cdnsr_plugin/options/
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -19,12 +19,14 @@ class BuildWithPth(build_py):
         super().run()
         shutil.copyfile(os.path.join(HERE, PTH), os.path.join(self.build_lib, PTH))
         for name in PACKAGED_OPTIONS:  # the demo reads its schedule from the installed package
-            target = os.path.join(self.build_lib, 'cdnsr_plugin', 'options', name)
+            target = os.path.join(self.build_lib, 'cdnsr_plugin', 'options', os.path.basename(name))
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(os.path.join(HERE, 'options', name), target)
 
     def get_outputs(self, include_bytecode=True):
-        packaged = [os.path.join(self.build_lib, 'cdnsr_plugin', 'options', name) for name in PACKAGED_OPTIONS]
+        packaged = [
+            os.path.join(self.build_lib, 'cdnsr_plugin', 'options', os.path.basename(name)) for name in PACKAGED_OPTIONS
+        ]
         return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)] + packaged
 
 
@@ -58,13 +60,15 @@ setup(
         'pyyaml',
         'tqdm',
     ],
-    extras_require={'test': ['pytest>=7', 'hypothesis>=6']},
-    entry_points={'console_scripts': [
-        'cdnsr-train=cdnsr_plugin.train:main',
-        'cdnsr-test=cdnsr_plugin.test:main',
-        'cdnsr-test-patches=cdnsr_plugin.tester.cli:main',
-        'cdnsr-demo=cdnsr_plugin.demo:main',
-    ]},
+    extras_require={'test': ['pytest>=7', 'hypothesis>=6', 'flake8>=6', 'isort>=5', 'yapf>=0.32']},
+    entry_points={
+        'console_scripts': [
+            'cdnsr-train=cdnsr_plugin.train:main',
+            'cdnsr-test=cdnsr_plugin.test:main',
+            'cdnsr-test-patches=cdnsr_plugin.tester.cli:main',
+            'cdnsr-demo=cdnsr_plugin.demo:main',
+        ]
+    },
     license='Apache-2.0',
     classifiers=['Programming Language :: Python :: 3', 'Topic :: Scientific/Engineering :: Image Processing'],
 )

@@ -1,25 +1,31 @@
 """The one place that bridges gaps between the PyPI release basicsr 1.4.2 and current packages.
 
-Everything here is a small, documented patch applied at import time; nothing else in the plugin
-monkey-patches third-party code.
+Nothing else in the plugin monkey-patches third-party code. Importing ``cdnsr_plugin`` applies only the
+first bridge below, without which basicsr cannot be imported at all; the other three change basicsr's
+behaviour and are applied by ``patch_basicsr()``, which only the places that run basicsr's pipelines call:
+the plugin's entries (``python -m cdnsr_plugin.train`` / ``.test``, ``cdnsr-train``, ``cdnsr-test``) and the
+start-up hook when the program is BasicSR's own ``basicsr/train.py`` or ``basicsr/test.py``
+(``_cdnsr_plugin_autoload.py``). A program that merely imports the plugin (or basicsr, with the hook
+installed) gets basicsr unchanged apart from the registrations.
 
-* ``alias_functional_tensor``: basicsr 1.4.2 imports ``torchvision.transforms.functional_tensor``,
-  removed in torchvision 0.17. Its one use (``rgb_to_grayscale``) lives on in
-  ``torchvision.transforms.functional``, so that module is registered under the old name, but only
-  when the old module really is missing. Must run before basicsr is imported.
-* ``use_safe_yaml``: basicsr's ``parse_options`` reads option files with PyYAML's full ``Loader``,
-  which constructs arbitrary Python objects from tags such as ``!!python/object/apply``. It is
-  replaced by a safe loader that keeps basicsr's ordered-dict behaviour, so an option file can
-  never execute code. Standard tags (``!!float 2e-4``) still work.
-* ``cpu_resume``: basicsr's ``train.load_resume_state`` maps the saved state onto
-  ``torch.cuda.current_device()``, which fails without a GPU. On a machine without CUDA the
-  plugin's ``load_resume_state`` loads it on the CPU (``weights_only=True``); with CUDA, basicsr's
+* ``alias_functional_tensor`` (basicsr 1.4.2, torchvision >= 0.17): basicsr imports
+  ``torchvision.transforms.functional_tensor``, removed in torchvision 0.17. Its one use
+  (``rgb_to_grayscale``) lives on in ``torchvision.transforms.functional``, so that module is registered
+  under the old name, but only when the old module really is missing. Must run before basicsr is imported.
+* ``use_safe_yaml`` (basicsr 1.4.2, security): basicsr's ``parse_options`` reads option files with PyYAML's
+  full ``Loader``, which constructs arbitrary Python objects from tags such as
+  ``!!python/object/apply``. It is replaced by a safe loader that keeps basicsr's ordered-dict behaviour,
+  so an option file can never execute code. Standard tags (``!!float 2e-4``) still work.
+* ``cpu_resume`` (basicsr 1.4.2, machines without CUDA): basicsr's ``train.load_resume_state`` maps the
+  saved state onto ``torch.cuda.current_device()``, which fails without a GPU. On a machine without CUDA
+  the plugin's ``load_resume_state`` loads it on the CPU (``weights_only=True``); with CUDA, basicsr's
   own runs. Effective for ``python -m cdnsr_plugin.train`` (which calls ``basicsr.train``); BasicSR's
   stock ``basicsr/train.py`` script carries its own copy of the function, so CPU resume needs the
   plugin's entry.
-* ``cpu_distributed``: basicsr's ``_init_dist_pytorch`` divides the rank by the GPU count and sets
-  a CUDA device. Without CUDA, the process group is initialised with the ``gloo`` backend instead
-  (``torchrun --nproc_per_node 2 -m cdnsr_plugin.train ... --launcher pytorch`` on CPUs).
+* ``cpu_distributed`` (basicsr 1.4.2, machines without CUDA): basicsr's ``_init_dist_pytorch`` divides
+  the rank by the GPU count and sets a CUDA device. Without CUDA, the process group is initialised with
+  the ``gloo`` backend instead (``torchrun --nproc_per_node 2 -m cdnsr_plugin.train ... --launcher
+  pytorch`` on CPUs).
 """
 from __future__ import annotations
 
@@ -130,3 +136,11 @@ def cpu_distributed() -> None:
 
     _init_dist_pytorch._cdnsr_cpu = True  # type: ignore[attr-defined]
     dist_util._init_dist_pytorch = _init_dist_pytorch
+
+
+def patch_basicsr() -> None:
+    """Apply ``use_safe_yaml``, ``cpu_resume`` and ``cpu_distributed`` (idempotent). Called by the entries that
+    run basicsr's pipelines and by the start-up hook for BasicSR's own scripts; see the module docstring."""
+    use_safe_yaml()
+    cpu_resume()
+    cpu_distributed()

@@ -8,7 +8,7 @@ Runs the whole pipeline on photos that ship with scikit-image (nothing is downlo
    (``tools/prepare_data.py``'s pipeline; the difficulty reference is bicubic upsampling, since no
    pretrained network can be assumed on a fresh machine);
 3. ``train``: a small CDNSR-FSRCNN through the real staged pipeline (``python -m cdnsr_plugin.train`` with
-   ``options/train_CDNSR_FSRCNN_demo.yml``'s schedule: pretrain, classifier, distill, finetune);
+   ``options/demo/train_CDNSR_FSRCNN_demo.yml``'s schedule: pretrain, classifier, distill, finetune);
 4. ``test``: ``tools/test_patches.py`` on the held-out photo with ``--compare-backbone`` and a budget
    sweep, which writes the SR image, the class map, report.json/csv and the PSNR-FLOPs plot.
 
@@ -32,13 +32,12 @@ from typing import Optional
 
 import cv2
 import numpy as np
-import yaml
 
 MARKER = '.cdnsr_demo'
 QUICK_ENV = 'CDNSR_DEMO_QUICK'
 TRAIN_PHOTOS = ('astronaut', 'chelsea', 'rocket', 'hubble_deep_field', 'motorcycle_left')
 HELD_OUT = 'coffee'
-DEMO_OPTIONS = 'train_CDNSR_FSRCNN_demo.yml'  # installed into cdnsr_plugin/options/ by setup.py
+DEMO_OPTIONS = 'train_CDNSR_FSRCNN_demo.yml'  # options/demo/; installed into cdnsr_plugin/options/ by setup.py
 SWEEP = '0.35,0.5,0.65,0.8'
 SAVED = 'budget=0.50'  # the setting whose SR image and class map are written
 
@@ -82,7 +81,8 @@ def start(work: Path) -> None:
 
 def write_photos(work: Path, schedule: Schedule) -> tuple[Path, Path, Path]:
     """Training photos, and the held-out photo as an LR/HR pair (HR cropped to a multiple of 4)."""
-    from cdnsr_plugin.data.image_io import bicubic_resize, mod_crop, write_image
+    from cdnsr_plugin.utils.image import bicubic_resize, mod_crop
+    from cdnsr_plugin.utils.io import write_image
     train, hr_dir, lr_dir = work / 'photos', work / 'test' / 'HR', work / 'test' / 'LR_bicubic' / 'X4'
     for folder in (train, hr_dir, lr_dir):
         folder.mkdir(parents=True)
@@ -96,13 +96,15 @@ def write_photos(work: Path, schedule: Schedule) -> tuple[Path, Path, Path]:
 
 
 def prepare_set(photos: Path, out: Path) -> dict:
-    from cdnsr_plugin.data.prepare import PrepareOptions, build_reference, prepare
-    return prepare(PrepareOptions(input=str(photos), output=str(out), workers=0),
-                   build_reference(4, 'cpu', bicubic=True), montage=True)
+    from cdnsr_plugin.preparation.prepare import PrepareOptions, build_reference, prepare
+    return prepare(
+        PrepareOptions(input=str(photos), output=str(out), workers=0),
+        build_reference(4, 'cpu', bicubic=True),
+        montage=True)
 
 
 def demo_options_file() -> Path:
-    """options/train_CDNSR_FSRCNN_demo.yml: in the installed package, or in the source tree."""
+    """options/demo/train_CDNSR_FSRCNN_demo.yml: in the installed package, or in the source tree."""
     here = Path(__file__).resolve().parent
     for candidate in (here / 'options' / DEMO_OPTIONS, here.parent / 'options' / DEMO_OPTIONS):
         if candidate.is_file():
@@ -113,22 +115,14 @@ def demo_options_file() -> Path:
 
 def training_options(work: Path, train_set: Path, hr_dir: Path, lr_dir: Path, schedule: Schedule) -> Path:
     """The demo option file with this run's data, schedule and batch size."""
-    from cdnsr_plugin.compat import load_yaml
-    opt = json.loads(json.dumps(load_yaml(str(demo_options_file()))))
+    from cdnsr_plugin.data.prepared_set import GT_LMDB, LQ_LMDB
+    from cdnsr_plugin.utils.options import load_options, set_data, set_logging, set_schedule, write_options
+    opt = load_options(demo_options_file())
     opt['name'] = 'CDNSR_FSRCNN_x4_demo'
-    train = opt['datasets']['train']
-    train.update(dataroot_gt=str(train_set / 'gt.lmdb'), dataroot_lq=str(train_set / 'lq.lmdb'),
-                 batch_size_per_gpu=schedule.batch)
-    opt['datasets']['val'].update(dataroot_gt=str(hr_dir), dataroot_lq=str(lr_dir))
-    for stage, iters in zip(opt['train']['stages'], schedule.stages):
-        stage['iters'] = iters
-    total = sum(schedule.stages)
-    opt['train']['total_iter'] = total
-    opt['val']['val_freq'] = total
-    opt['logger'].update(print_freq=max(10, total // 20), save_checkpoint_freq=total)
-    path = work / 'train_CDNSR_FSRCNN_demo.yml'
-    path.write_text(yaml.safe_dump(opt, sort_keys=False))
-    return path
+    set_data(opt, train=(train_set / LQ_LMDB, train_set / GT_LMDB), val=(lr_dir, hr_dir), batch=schedule.batch)
+    total = set_schedule(opt, schedule.stages)
+    set_logging(opt, print_freq=max(10, total // 20), checkpoint_freq=total, val_freq=total)
+    return write_options(work / 'train_CDNSR_FSRCNN_demo.yml', opt)
 
 
 def train(options: Path, work: Path) -> Path:
@@ -143,9 +137,13 @@ def train(options: Path, work: Path) -> Path:
 def test(checkpoint: Path, hr_dir: Path, lr_dir: Path, out: Path) -> int:
     """``tools/test_patches.py`` on the held-out photo (the network is read from the experiment folder)."""
     from cdnsr_plugin.tester.cli import main as test_patches
-    return test_patches(['--input', str(lr_dir), '--gt', str(hr_dir), '--checkpoint', str(checkpoint),
-                         '--scale', '4', '--name', 'demo', '--out', str(out), '--compare-backbone',
-                         '--sweep', SWEEP, '--save-setting', SAVED])
+    return test_patches([
+        '--input',
+        str(lr_dir), '--gt',
+        str(hr_dir), '--checkpoint',
+        str(checkpoint), '--scale', '4', '--name', 'demo', '--out',
+        str(out), '--compare-backbone', '--sweep', SWEEP, '--save-setting', SAVED
+    ])
 
 
 def run(work: Path, schedule: Schedule) -> dict[str, Path]:
@@ -171,11 +169,17 @@ def run(work: Path, schedule: Schedule) -> dict[str, Path]:
     if code != 0:
         raise RuntimeError(f'test_patches.py exited with status {code}; see above')
     saved = next(s for s in json.loads((out / 'report.json').read_text())['settings'] if s['name'] == SAVED)
-    files = {'SR image': Path(saved['images'][0]['sr_path']), 'class map': Path(saved['images'][0]['overlay_path']),
-             'report': out / 'report.json', 'PSNR-FLOPs plot': out / 'psnr_flops.png', 'checkpoint': checkpoint,
-             'training options': options, 'difficulty montage': work / 'demo_x4' / 'montage.png'}
-    print('\n=== done in ' + ', '.join(f'{k} {v:.0f}s' for k, v in timings.items())
-          + f' (total {sum(timings.values()):.0f}s) ===')
+    files = {
+        'SR image': Path(saved['images'][0]['sr_path']),
+        'class map': Path(saved['images'][0]['overlay_path']),
+        'report': out / 'report.json',
+        'PSNR-FLOPs plot': out / 'psnr_flops.png',
+        'checkpoint': checkpoint,
+        'training options': options,
+        'difficulty montage': work / 'demo_x4' / 'montage.png'
+    }
+    print('\n=== done in ' + ', '.join(f'{k} {v:.0f}s'
+                                       for k, v in timings.items()) + f' (total {sum(timings.values()):.0f}s) ===')
     for label, path in files.items():
         print(f'{label:>20}: {path}')
     return files
@@ -184,8 +188,11 @@ def run(work: Path, schedule: Schedule) -> dict[str, Path]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--work', type=Path, default=Path('cdnsr_demo'), help='output folder (default cdnsr_demo)')
-    parser.add_argument('--quick', action='store_true', help='small photos and a short schedule (under a minute); '
-                        f'also set by {QUICK_ENV}=1, which CI uses to run README\'s first command quickly')
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='small photos and a short schedule (under a minute); '
+        f'also set by {QUICK_ENV}=1, which CI uses to run README\'s first command quickly')
     args = parser.parse_args(argv)
     args.quick = args.quick or os.environ.get(QUICK_ENV) == '1'
     import cdnsr_plugin  # noqa: F401  (registers the plugin; torchvision alias before basicsr)

@@ -26,16 +26,16 @@ def register(registry: Registry) -> Callable[[T], T]:
         >>> @register(ARCH_REGISTRY)
         ... class MyNet: ...
     """
+
     def decorate(cls: T) -> T:
         name = cls.__name__
         existing = dict(iter(registry)).get(name)
         if existing is cls:
             return cls
         if existing is not None:
-            raise RuntimeError(
-                f"cdnsr_plugin cannot register {name!r} into basicsr's {registry._name!r} registry: "
-                f'{existing.__module__}.{existing.__qualname__} already owns that name. '
-                'Uninstall the other package or import only one of them.')
+            raise RuntimeError(f"cdnsr_plugin cannot register {name!r} into basicsr's {registry._name!r} registry: "
+                               f'{existing.__module__}.{existing.__qualname__} already owns that name. '
+                               'Uninstall the other package or import only one of them.')
         registry.register(cls)
         _REGISTERED.setdefault(registry._name, []).append(name)
         return cls

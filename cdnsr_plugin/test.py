@@ -3,10 +3,12 @@ the plugin registered, results/ under the current directory."""
 import os
 
 import cdnsr_plugin  # noqa: F401  (registers the plugin before basicsr reads the options)
-from basicsr.test import test_pipeline
+from cdnsr_plugin.compat import patch_basicsr
 
 
 def main() -> None:
+    patch_basicsr()  # safe YAML, CPU resume, gloo DDP without GPUs (compat.py)
+    from basicsr.test import test_pipeline
     test_pipeline(os.getcwd())
 
 

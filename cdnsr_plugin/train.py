@@ -6,10 +6,12 @@ Accepts every flag of BasicSR's ``basicsr/train.py`` (``--launcher``, ``--auto_r
 import os
 
 import cdnsr_plugin  # noqa: F401  (registers the plugin before basicsr reads the options)
-from basicsr.train import train_pipeline
+from cdnsr_plugin.compat import patch_basicsr
 
 
 def main() -> None:
+    patch_basicsr()  # safe YAML, CPU resume, gloo DDP without GPUs (compat.py)
+    from basicsr.train import train_pipeline
     train_pipeline(os.getcwd())
 
 

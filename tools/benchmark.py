@@ -1,6 +1,6 @@
 """Time routed SR against the backbone on real images; print one table of ratios measured in one run.
 
-    python tools/benchmark.py --network options/net_CDNSR_SRResNet_x4.yml --images ../shared/data/photos \
+    python tools/benchmark.py --network options/networks/CDNSR_SRResNet_x4.yml --images ../shared/data/photos \
         --lr-size 320x480 --mix 0.6,0.25,0.15 --runs 5 --threads 2 --loop
 
 For each image (a photo resized to ``--lr-size`` and used as the LR input), every measurement is the
@@ -28,18 +28,20 @@ import statistics
 import sys
 from pathlib import Path
 
-import cdnsr_plugin  # noqa: F401
 import cv2
-import numpy as np
 import torch
 from basicsr.archs import build_network
 
-from cdnsr_plugin.checkpoint import load_weights
-from cdnsr_plugin.data.image_io import Skipped, list_images, read_image, to_tensor
-from cdnsr_plugin.routing.flops import CONVENTIONS, cost_table, full_image_cost
-from cdnsr_plugin.routing.routers import forced_mix_labels, laplacian_scores
+import cdnsr_plugin  # noqa: F401
+from cdnsr_plugin.inference.costs import CONVENTIONS, cost_table, full_image_cost
+from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
+from cdnsr_plugin.inference.laplacian import laplacian_scores
+from cdnsr_plugin.inference.policies import forced_mix_labels
 from cdnsr_plugin.tester.config import network_options
-from cdnsr_plugin.tester.engine import EngineOptions, RoutedEngine, measure
+from cdnsr_plugin.utils.checkpoint import load_weights
+from cdnsr_plugin.utils.image import to_tensor
+from cdnsr_plugin.utils.io import Skipped, list_images, read_image
+from cdnsr_plugin.utils.timing import measure
 
 
 def parse_args(argv=None):
@@ -48,8 +50,9 @@ def parse_args(argv=None):
     parser.add_argument('--checkpoint', type=Path, help='weights (default: random; timings do not depend on them)')
     parser.add_argument('--images', type=Path, required=True, help='folder of photos')
     parser.add_argument('--limit', type=int, default=2, help='number of photos (default 2)')
-    parser.add_argument('--lr-size', default='320x480', help='HxW of the LR input (default 320x480; 1080x1920 '
-                        'gives an 8K output)')
+    parser.add_argument(
+        '--lr-size', default='320x480', help='HxW of the LR input (default 320x480; 1080x1920 '
+        'gives an 8K output)')
     parser.add_argument('--mix', help='forced class shares, e.g. 0.6,0.25,0.15 (default: the classifier\'s argmax)')
     parser.add_argument('--runs', type=int, default=5, help='runs per measurement; the median is reported')
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads (default 2)')
@@ -108,8 +111,11 @@ def bench_image(engine: RoutedEngine, table, lr: torch.Tensor, args) -> dict:
         engine.classify(lr, grid)
         engine.render(lr, labels, grid)
 
-    row = {'lr_size': list(lr.shape[-2:]), 'patches': len(grid),
-           'counts': torch.bincount(labels, minlength=engine.num_classes).tolist()}
+    row = {
+        'lr_size': list(lr.shape[-2:]),
+        'patches': len(grid),
+        'counts': torch.bincount(labels, minlength=engine.num_classes).tolist()
+    }
     routed()  # warm-up (allocator, one-time kernels)
     row['routed_s'], row['routed_peak_mb'] = timed(routed, runs, device)
     row['patch_s'], row['patch_peak_mb'] = timed(lambda: engine.backbone_patchwise(lr, grid), runs, device)
@@ -133,8 +139,9 @@ def bench_image(engine: RoutedEngine, table, lr: torch.Tensor, args) -> dict:
 
 
 def print_table(rows: dict, args, table) -> None:
+    mix = args.mix or 'classifier argmax'
     print(f'\n{args.network.name}: LR {args.lr_size}, {args.threads} threads, median of {args.runs}, max_batch '
-          f'{args.max_batch or "default"}, channels_last {not args.no_channels_last}, mix {args.mix or "classifier argmax"}')
+          f'{args.max_batch or "default"}, channels_last {not args.no_channels_last}, mix {mix}')
     header = (f"{'image':<18}{'tiles':>6}{'routed s':>10}{'patch s':>9}{'t ratio':>9}{'F ratio':>9}{'eff.':>7}"
               f"{'full s':>9}{'t/full':>8}{'F/full':>8}{'loop s':>9}{'loop/rt':>8}{'peak MB':>9}")
     print(header)
@@ -150,7 +157,8 @@ def print_table(rows: dict, args, table) -> None:
         line += f"{r['loop_s']:>9.2f}{r['loop_s'] / r['routed_s']:>8.1f}" if 'loop_s' in r else f"{'-':>9}{'-':>8}"
         print(line + f"{r['routed_peak_mb']:>9.0f}")
         if 'max_batch_sweep' in r:
-            print('   render time by max_batch: ' + ', '.join(f'{k}: {v:.3f}s' for k, v in r['max_batch_sweep'].items()))
+            print('   render time by max_batch: ' + ', '.join(f'{k}: {v:.3f}s'
+                                                              for k, v in r['max_batch_sweep'].items()))
     print('t ratio = routed / backbone patch-wise time; F ratio = the same for FLOPs (paper convention, classifier '
           'included); eff. = t ratio / F ratio; t/full, F/full: against the backbone on the whole image; '
           f'MACs ratios are in --json. Classes per image: {[r["counts"] for r in rows.values()]}')

@@ -17,10 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import cdnsr_plugin  # noqa: F401
 import torch
 from basicsr.archs import build_network
-from cdnsr_plugin.data.prepare import PrepareOptions, Reference, build_reference, prepare
+
+import cdnsr_plugin  # noqa: F401
+from cdnsr_plugin.preparation.prepare import PrepareOptions, Reference, build_reference, prepare
 
 
 def reference_for(kind: str, device: str) -> Reference:

@@ -13,15 +13,16 @@ import re
 import sys
 from pathlib import Path
 
-import cdnsr_plugin  # noqa: F401
 import torch
 from basicsr.archs import build_network
 from basicsr.metrics import calculate_psnr
 from basicsr.utils import tensor2img
 
-from cdnsr_plugin.checkpoint import load_weights
-from cdnsr_plugin.data.image_io import read_image, to_tensor
+import cdnsr_plugin  # noqa: F401
 from cdnsr_plugin.tester.config import network_options
+from cdnsr_plugin.utils.checkpoint import load_weights
+from cdnsr_plugin.utils.image import to_tensor
+from cdnsr_plugin.utils.io import read_image
 
 
 def checkpoints(paths: list[Path]) -> list[Path]:
@@ -30,8 +31,8 @@ def checkpoints(paths: list[Path]) -> list[Path]:
     for path in paths:
         if path.is_dir():
             files = list(path.glob('net_g_*.pth'))
-            found += sorted(files, key=lambda p: (not re.fullmatch(r'net_g_\d+\.pth', p.name),
-                                                  int(re.sub(r'\D', '', p.stem) or 0)))
+            found += sorted(
+                files, key=lambda p: (not re.fullmatch(r'net_g_\d+\.pth', p.name), int(re.sub(r'\D', '', p.stem) or 0)))
         else:
             found.append(path)
     return found
@@ -50,8 +51,9 @@ def main(argv=None) -> int:
     for path in checkpoints(args.checkpoints):
         load_weights(net, path)
         with torch.inference_mode():
-            scores = [calculate_psnr(tensor2img(branch(lr)), gt, net.scale, test_y_channel=True)
-                      for branch in net.branches]
+            scores = [
+                calculate_psnr(tensor2img(branch(lr)), gt, net.scale, test_y_channel=True) for branch in net.branches
+            ]
         print(path.name.ljust(24) + ''.join(f'{score:10.2f}' for score in scores))
     return 0
 

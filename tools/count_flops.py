@@ -1,6 +1,6 @@
 """Per-branch FLOPs table of the network in an option file.
 
-    python tools/count_flops.py -opt options/net_CDNSR_FSRCNN_x4.yml [--patch 32] [--json]
+    python tools/count_flops.py -opt options/networks/CDNSR_FSRCNN_x4.yml [--patch 32] [--json]
 
 Reads ``network_g`` (a ``CDNSRNet`` or any single registered arch) and prints the classifier's and
 each branch's cost on one LR patch in two conventions, ``paper`` and ``macs`` (see
@@ -12,10 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
-import cdnsr_plugin  # noqa: F401  (registers the plugin's archs)
 from basicsr.archs import build_network
+
+import cdnsr_plugin  # noqa: F401  (registers the plugin's archs)
 from cdnsr_plugin.compat import load_yaml
-from cdnsr_plugin.routing.flops import cost_table, format_table
+from cdnsr_plugin.inference.costs import cost_table, format_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:

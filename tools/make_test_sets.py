@@ -15,7 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import cdnsr_plugin  # noqa: F401  (torchvision alias before basicsr)
-from cdnsr_plugin.data.test_sets import DEFAULT_TIERS, SPLITS, build_test_sets, format_summary, parse_tiers
+from cdnsr_plugin.preparation.test_sets import DEFAULT_TIERS, SPLITS, build_test_sets, format_summary, parse_tiers
 
 
 def tiers_arg(text: str):
@@ -29,19 +29,28 @@ def tiers_arg(text: str):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--input', required=True, type=Path, help='folder of HR images (files directly in it)')
-    parser.add_argument('--output', required=True, type=Path,
-                        help='folder to create; built in OUTPUT.incomplete and renamed when complete')
+    parser.add_argument(
+        '--output',
+        required=True,
+        type=Path,
+        help='folder to create; built in OUTPUT.incomplete and renamed when complete')
     parser.add_argument('--scale', type=int, default=4, help='LR downsampling factor (default 4)')
-    parser.add_argument('--tiers', type=tiers_arg, default=parse_tiers(DEFAULT_TIERS),
-                        help=f'comma-separated NAME=WIDTH: HR width in pixels, aspect ratio kept, never '
-                             f'upsampled; 0 keeps the original size; folders are Test<NAME> (default {DEFAULT_TIERS})')
-    parser.add_argument('--split', choices=SPLITS, default='sequential',
-                        help='sequential (default, the papers\' protocol): sorted images are cut into one '
-                             'consecutive group per tier; all: every image goes into every tier')
-    parser.add_argument('--workers', type=int, default=2,
-                        help='processes that read and resize images (default 2; 0 = in this process)')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='replace an existing OUTPUT (only after the new one is complete)')
+    parser.add_argument(
+        '--tiers',
+        type=tiers_arg,
+        default=parse_tiers(DEFAULT_TIERS),
+        help=f'comma-separated NAME=WIDTH: HR width in pixels, aspect ratio kept, never '
+        f'upsampled; 0 keeps the original size; folders are Test<NAME> (default {DEFAULT_TIERS})')
+    parser.add_argument(
+        '--split',
+        choices=SPLITS,
+        default='sequential',
+        help='sequential (default, the papers\' protocol): sorted images are cut into one '
+        'consecutive group per tier; all: every image goes into every tier')
+    parser.add_argument(
+        '--workers', type=int, default=2, help='processes that read and resize images (default 2; 0 = in this process)')
+    parser.add_argument(
+        '--overwrite', action='store_true', help='replace an existing OUTPUT (only after the new one is complete)')
     args = parser.parse_args(argv)
     if args.scale < 1:
         parser.error(f'argument --scale: must be >= 1, got {args.scale}')
@@ -56,14 +65,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        summary = build_test_sets(args.input, args.output, args.tiers, scale=args.scale, split=args.split,
-                                  workers=args.workers, overwrite=args.overwrite)
+        summary = build_test_sets(
+            args.input,
+            args.output,
+            args.tiers,
+            scale=args.scale,
+            split=args.split,
+            workers=args.workers,
+            overwrite=args.overwrite)
     except (OSError, ValueError) as exc:
         print(f'make_test_sets: error: {exc}', file=sys.stderr)
         return 1
     except BrokenProcessPool as exc:
-        print(f'make_test_sets: error: a worker process died ({exc}); out of memory? try fewer --workers',
-              file=sys.stderr)
+        print(
+            f'make_test_sets: error: a worker process died ({exc}); out of memory? try fewer --workers',
+            file=sys.stderr)
         return 1
     print(format_summary(summary))
     return 0

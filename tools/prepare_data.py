@@ -12,10 +12,11 @@ an existing OUTPUT is refused unless --overwrite. See cdnsr_plugin/data/prepare.
 import argparse
 import sys
 
-import cdnsr_plugin  # noqa: F401  (torchvision alias, registries)
 import torch
 import yaml
-from cdnsr_plugin.data.prepare import PrepareOptions, build_reference, prepare
+
+import cdnsr_plugin  # noqa: F401  (torchvision alias, registries)
+from cdnsr_plugin.preparation.prepare import PrepareOptions, build_reference, prepare
 
 
 def parse_factors(text: str) -> tuple:
@@ -33,17 +34,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--patch', type=int, default=32, help='LR sub-image side; HR side = patch*scale (default 32)')
     parser.add_argument('--stride', type=int, default=16, help='LR step between sub-images (default 16)')
     parser.add_argument('--classes', type=int, default=3, help='M, number of difficulty classes, 2-5 (default 3)')
-    parser.add_argument('--multiscale', type=parse_factors, default=(1.0, ),
-                        help='HR copies at these factors, e.g. 0.6,0.7,0.8,0.9 as in ClassSR (default: 1)')
+    parser.add_argument(
+        '--multiscale',
+        type=parse_factors,
+        default=(1.0, ),
+        help='HR copies at these factors, e.g. 0.6,0.7,0.8,0.9 as in ClassSR (default: 1)')
     parser.add_argument('--reference-opt', help='BasicSR option file: network_g + path.pretrain_network_g')
     parser.add_argument('--reference-arch', help='reference arch as YAML, e.g. "{type: MSRResNet, upscale: 4}"')
     parser.add_argument('--reference-checkpoint', help='weights of the reference network (.pth)')
-    parser.add_argument('--reference', choices=['bicubic'],
-                        help='explicit network-free fallback reference: PyTorch bicubic upsampling')
+    parser.add_argument(
+        '--reference', choices=['bicubic'], help='explicit network-free fallback reference: PyTorch bicubic upsampling')
     parser.add_argument('--workers', type=int, default=2, help='processes reading/resizing images; 0 = none')
     parser.add_argument('--batch', type=int, default=128, help='sub-images per reference forward pass')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                        help='device of the reference network (default: cuda if available)')
+    parser.add_argument(
+        '--device',
+        default='cuda' if torch.cuda.is_available() else 'cpu',
+        help='device of the reference network (default: cuda if available)')
     parser.add_argument('--compress-level', type=int, default=1, help='PNG compression in the LMDBs, 0-9')
     parser.add_argument('--montage', action='store_true', help='also write montage.png: samples per class')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing OUTPUT once the new one is done')
@@ -52,15 +58,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    opts = PrepareOptions(input=args.input, output=args.output, scale=args.scale, patch=args.patch,
-                          stride=args.stride, num_classes=args.classes, multiscale=args.multiscale,
-                          compress_level=args.compress_level, batch=args.batch, workers=args.workers,
-                          device=args.device)
+    opts = PrepareOptions(
+        input=args.input,
+        output=args.output,
+        scale=args.scale,
+        patch=args.patch,
+        stride=args.stride,
+        num_classes=args.classes,
+        multiscale=args.multiscale,
+        compress_level=args.compress_level,
+        batch=args.batch,
+        workers=args.workers,
+        device=args.device)
     try:
         opts.validate()
         arch = yaml.safe_load(args.reference_arch) if args.reference_arch else None
-        reference = build_reference(args.scale, args.device, args.reference_opt, arch, args.reference_checkpoint,
-                                    bicubic=args.reference == 'bicubic')
+        reference = build_reference(
+            args.scale,
+            args.device,
+            args.reference_opt,
+            arch,
+            args.reference_checkpoint,
+            bicubic=args.reference == 'bicubic')
         summary = prepare(opts, reference, overwrite=args.overwrite, montage=args.montage)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f'prepare_data: {exc}', file=sys.stderr)

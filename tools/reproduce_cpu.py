@@ -6,9 +6,9 @@
    training set (tools/prepare_data.py's pipeline; reference: ``--reference bicubic`` unless a
    network checkpoint is given, recorded in the output).
 2. Each model trains through the real pipeline (``python -m cdnsr_plugin.train``) from the demo option
-   files, with the same number of iterations and batch size: FSRCNN-O (``train_FSRCNN_demo.yml``),
-   ClassSR (``train_ClassSR_FSRCNN_demo.yml``), CDNSR R/M/S (``train_CDNSR_FSRCNN_demo.yml`` with
-   alpha 0.75 / 0.55 / 0.45). Stage lengths are fixed fractions of ``--iters``.
+   files in ``options/demo/``, with the same number of iterations and batch size: FSRCNN-O
+   (``train_FSRCNN_demo.yml``), ClassSR (``train_ClassSR_FSRCNN_demo.yml``), CDNSR R/M/S
+   (``train_CDNSR_FSRCNN_demo.yml`` with alpha 0.75 / 0.55 / 0.45). Stage lengths are fixed fractions of ``--iters``.
 3. Every model super-resolves the held-out LR photos patch by patch (32x32, stride 28, every pixel):
    routed models with hard routing, FSRCNN-O patch-wise. PSNR/SSIM are BasicSR's (Y, crop 4).
    FLOPs per patch include the classifier, as % of FSRCNN-56 patch-wise, in both conventions.
@@ -23,20 +23,23 @@ import sys
 import time
 from pathlib import Path
 
-import cdnsr_plugin  # noqa: F401
 import numpy as np
 import torch
-import yaml
 from basicsr.archs import build_network
 from basicsr.utils import tensor2img
-from cdnsr_plugin.checkpoint import load_weights
-from cdnsr_plugin.compat import load_yaml
-from cdnsr_plugin.data.image_io import read_image, to_tensor
-from cdnsr_plugin.data.prepare import PrepareOptions, build_reference, prepare
-from cdnsr_plugin.data.test_sets import Tier, build_test_sets
-from cdnsr_plugin.routing.flops import cost_table
-from cdnsr_plugin.routing.inference import routed_super_resolve, super_resolve_patches
+
+import cdnsr_plugin  # noqa: F401
+from cdnsr_plugin.data.prepared_set import GT_LMDB, LQ_LMDB
+from cdnsr_plugin.inference.costs import CONVENTIONS, cost_table
+from cdnsr_plugin.inference.engine import RoutedEngine
+from cdnsr_plugin.inference.tiling import super_resolve_patches
+from cdnsr_plugin.preparation.prepare import PrepareOptions, build_reference, prepare
+from cdnsr_plugin.preparation.test_sets import Tier, build_test_sets
 from cdnsr_plugin.tester.run import metrics
+from cdnsr_plugin.utils.checkpoint import load_weights
+from cdnsr_plugin.utils.image import to_tensor
+from cdnsr_plugin.utils.io import read_image
+from cdnsr_plugin.utils.options import load_options, set_data, set_logging, set_schedule, write_options
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (demo option file, alpha or None, stage fractions)
@@ -59,23 +62,18 @@ def split_photos(photos: Path, work: Path, held_out: int) -> tuple[Path, Path]:
     return train, test
 
 
-def options_for(name: str, work: Path, train_set: Path, iters: int, batch: int,
-                lambda_reg: float = None) -> dict:
+def options_for(name: str, work: Path, train_set: Path, iters: int, batch: int, lambda_reg: float = None) -> dict:
     file, alpha, fractions = MODELS[name]
-    opt = json.loads(json.dumps(load_yaml(str(REPO / 'options' / file))))
+    opt = load_options(REPO / 'options' / 'demo' / file)
     opt['name'] = name.replace(' ', '_').replace('(', '').replace(')', '')
-    train = opt['datasets']['train']
-    train.update(dataroot_gt=str(train_set / 'gt.lmdb'), dataroot_lq=str(train_set / 'lq.lmdb'),
-                 batch_size_per_gpu=batch)
+    set_data(opt, train=(train_set / LQ_LMDB, train_set / GT_LMDB), batch=batch)
     del opt['datasets']['val'], opt['val']
-    opt['train']['total_iter'] = iters
     if fractions is None:
-        opt['train']['scheduler']['periods'] = [iters]
+        set_schedule(opt, iters)
     else:
         lengths = [int(iters * f) for f in fractions]
         lengths[0] += iters - sum(lengths)
-        for stage, length in zip(opt['train']['stages'], lengths):
-            stage['iters'] = length
+        set_schedule(opt, lengths)
     if alpha is not None:
         opt['train']['losses']['flops']['alpha'] = alpha
         if lambda_reg is not None:
@@ -83,17 +81,18 @@ def options_for(name: str, work: Path, train_set: Path, iters: int, batch: int,
             for stage in opt['train']['stages']:
                 if 'flops' in stage['losses']:
                     stage['losses']['flops'] = lambda_reg
-    opt['logger'].update(print_freq=max(iters // 10, 1), save_checkpoint_freq=iters, use_tb_logger=False)
+    set_logging(opt, print_freq=max(iters // 10, 1), checkpoint_freq=iters, tensorboard=False)
     return opt
 
 
 def train(name: str, opt: dict, work: Path) -> tuple[Path, float]:
-    options = work / 'options' / f"{opt['name']}.yml"
-    options.parent.mkdir(exist_ok=True)
-    options.write_text(yaml.safe_dump(opt, sort_keys=False))
+    options = write_options(work / 'options' / f"{opt['name']}.yml", opt)
     shutil.rmtree(work / 'experiments' / opt['name'], ignore_errors=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, '-m', 'cdnsr_plugin.train', '-opt', str(options)], cwd=work, check=True,
+    subprocess.run([sys.executable, '-m', 'cdnsr_plugin.train', '-opt',
+                    str(options)],
+                   cwd=work,
+                   check=True,
                    stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     print(f'trained {name} in {seconds:.0f} s', flush=True)
@@ -105,15 +104,16 @@ def evaluate(opt: dict, checkpoint: Path, test_dir: Path) -> dict:
     net = build_network(opt['network_g'])
     load_weights(net, checkpoint)
     net.eval()
-    routed = hasattr(net, 'branches')
+    engine = RoutedEngine(net) if hasattr(net, 'branches') else None
     psnrs, ssims, counts = [], [], None
     for hr_path in sorted((test_dir / 'HR').glob('*.png')):
         hr, _ = read_image(hr_path)
         lr, _ = read_image(test_dir / 'LR_bicubic' / 'X4' / hr_path.name)
         lq = to_tensor(lr)
-        if routed:
-            sr, labels, _ = routed_super_resolve(net, lq, max_batch=256)
-            found = torch.bincount(labels, minlength=net.num_classes)
+        if engine is not None:  # the tester's engine, argmax routing
+            result = engine.super_resolve(lq)
+            sr = result.sr
+            found = torch.bincount(result.labels, minlength=net.num_classes)
             counts = found if counts is None else counts + found
         else:
             sr, _ = super_resolve_patches(lq, net, scale=4)
@@ -121,20 +121,21 @@ def evaluate(opt: dict, checkpoint: Path, test_dir: Path) -> dict:
         psnrs.append(scores['psnr_y'])
         ssims.append(scores['ssim_y'])
     result = {'psnr': float(np.mean(psnrs)), 'ssim': float(np.mean(ssims))}
-    if routed:
+    if engine is not None:
         table = cost_table(net, patch=32)
         result['class_mix'] = [round(100.0 * c / counts.sum().item(), 1) for c in counts.tolist()]
-        for convention in ('paper', 'macs'):
-            result[f'flops_pct_{convention}'] = 100.0 * table.routed(counts.tolist(), convention) / \
-                table.largest(convention)
+        for convention in CONVENTIONS:
+            result[f'flops_pct_{convention}'] = table.routed_percent(counts.tolist(), convention)
     else:
         result.update(class_mix=None, flops_pct_paper=100.0, flops_pct_macs=100.0)
     return result
 
 
 def markdown(results: dict) -> str:
-    lines = ['| model | PSNR (dB) | SSIM | FLOPs % paper | FLOPs % MACs | class mix (simple/medium/hard) | train time |',
-             '| --- | --- | --- | --- | --- | --- | --- |']
+    lines = [
+        '| model | PSNR (dB) | SSIM | FLOPs % paper | FLOPs % MACs | class mix (simple/medium/hard) | train time |',
+        '| --- | --- | --- | --- | --- | --- | --- |'
+    ]
     for name, r in results.items():
         mix = '/'.join(f'{v:.0f}%' for v in r['class_mix']) if r['class_mix'] else '— (one network)'
         lines.append(f"| {name} | {r['psnr']:.3f} | {r['ssim']:.4f} | {r['flops_pct_paper']:.1f} | "
@@ -150,8 +151,11 @@ def main(argv=None) -> int:
     parser.add_argument('--batch', type=int, default=16)
     parser.add_argument('--test', type=int, default=3, help='photos held out for evaluation')
     parser.add_argument('--models', default=','.join(MODELS), help='comma-separated subset of ' + ', '.join(MODELS))
-    parser.add_argument('--lambda-reg', type=float, default=None,
-                        help="weight of FLOPsRegLoss in the CDNSR runs (default: the option file's, 2e-4)")
+    parser.add_argument(
+        '--lambda-reg',
+        type=float,
+        default=None,
+        help="weight of FLOPsRegLoss in the CDNSR runs (default: the option file's, 2e-4)")
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

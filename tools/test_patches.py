@@ -1,6 +1,6 @@
 """Routed, full-coverage patch-wise SR with reports, class maps and a cost knob.
 
-    python tools/test_patches.py -opt options/test_CDNSR_FSRCNN.yml [--compare-backbone] [--budget 0.5 | --sweep]
+    python tools/test_patches.py -opt options/test/test_CDNSR_FSRCNN.yml [--compare-backbone] [--budget 0.5 | --sweep]
     python tools/test_patches.py --input LR_DIR [--gt HR_DIR] --checkpoint CKPT --scale 4
 
 Writes results/<name>/: <set>/<image>.png (exactly scale x the LR), <set>/<image>_classmap.png,

@@ -79,8 +79,11 @@ class UpsampleBlock(nn.Module):
             raise ValueError(f'CARN upscale must be 2, 3, 4 or 8, got {scale}')
         layers: list[nn.Module] = []
         for factor in factors:
-            layers += [nn.Conv2d(num_feat, factor * factor * num_feat, 3, 1, 1, groups=groups),
-                       nn.ReLU(inplace=True), nn.PixelShuffle(factor)]
+            layers += [
+                nn.Conv2d(num_feat, factor * factor * num_feat, 3, 1, 1, groups=groups),
+                nn.ReLU(inplace=True),
+                nn.PixelShuffle(factor)
+            ]
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +111,11 @@ class CARN(nn.Module):
         torch.Size([1, 3, 16, 16])
     """
 
-    def __init__(self, num_in_ch: int = 3, num_out_ch: int = 3, num_feat: int = 64, upscale: int = 4,
+    def __init__(self,
+                 num_in_ch: int = 3,
+                 num_out_ch: int = 3,
+                 num_feat: int = 64,
+                 upscale: int = 4,
                  groups: int = 4) -> None:
         super().__init__()
         if num_feat % groups:

@@ -102,8 +102,14 @@ class CDNSRNet(nn.Module):
         ((4, 3, 64, 64), (4, 2))
     """
 
-    def __init__(self, classifier: Mapping, branches: Sequence[Mapping], routing: str = 'hard', tau: float = 1.0,
-                 hard_gumbel: bool = False, scale: Optional[int] = None, num_in_ch: int = 3) -> None:
+    def __init__(self,
+                 classifier: Mapping,
+                 branches: Sequence[Mapping],
+                 routing: str = 'hard',
+                 tau: float = 1.0,
+                 hard_gumbel: bool = False,
+                 scale: Optional[int] = None,
+                 num_in_ch: int = 3) -> None:
         super().__init__()
         if isinstance(branches, (str, bytes, Mapping)) or not isinstance(branches, Sequence) or not branches:
             raise ValueError('branches must be a non-empty list of arch options, one per class')
@@ -180,8 +186,12 @@ class CDNSRNet(nn.Module):
             return x.new_empty((0, x.shape[1], x.shape[2] * self.scale, x.shape[3] * self.scale))
         return out
 
-    def forward(self, x: torch.Tensor, routing: Optional[str] = None, tau: Optional[float] = None,
-                labels: Optional[torch.Tensor] = None, frozen: Optional[str] = None,
+    def forward(self,
+                x: torch.Tensor,
+                routing: Optional[str] = None,
+                tau: Optional[float] = None,
+                labels: Optional[torch.Tensor] = None,
+                frozen: Optional[str] = None,
                 return_outputs: bool = False) -> tuple[torch.Tensor, ...]:
         """SR patches and class probabilities ``softmax(logits)``, shapes (N, C, sh, sw) and (N, M).
 

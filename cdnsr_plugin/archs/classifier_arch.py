@@ -35,8 +35,13 @@ class PatchClassifier(nn.Module):
         torch.Size([2, 3])
     """
 
-    def __init__(self, num_in_ch: int = 3, num_classes: int = 3, num_conv: int = 5, num_feat: int = 128,
-                 out_feat: int = 32, first_kernel: int = 4) -> None:
+    def __init__(self,
+                 num_in_ch: int = 3,
+                 num_classes: int = 3,
+                 num_conv: int = 5,
+                 num_feat: int = 128,
+                 out_feat: int = 32,
+                 first_kernel: int = 4) -> None:
         super().__init__()
         if not 3 <= num_conv <= 6:
             raise ValueError(f'PatchClassifier num_conv must be between 3 and 6 (CDNSR Table III), got {num_conv}')

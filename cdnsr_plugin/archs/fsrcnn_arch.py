@@ -42,7 +42,12 @@ class FSRCNN(nn.Module):
         torch.Size([1, 3, 128, 128])
     """
 
-    def __init__(self, num_in_ch: int = 3, num_out_ch: int = 3, d: int = 56, s: int = 12, m: int = 4,
+    def __init__(self,
+                 num_in_ch: int = 3,
+                 num_out_ch: int = 3,
+                 d: int = 56,
+                 s: int = 12,
+                 m: int = 4,
                  upscale: int = 4) -> None:
         super().__init__()
         if upscale < 1 or upscale > 8:

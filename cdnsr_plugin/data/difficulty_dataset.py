@@ -1,41 +1,14 @@
 """The dataset of prepared, difficulty-labelled sub-image pairs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.utils.registry import DATASET_REGISTRY
 
+from cdnsr_plugin.data.prepared_set import PreparedSet, read_labels
 from cdnsr_plugin.registry import register
-
-SUMMARY, LABELS = 'summary.json', 'labels.txt'
-
-
-def read_labels(path: Path) -> dict[str, tuple[int, float]]:
-    """``key -> (label, psnr)`` from a ``labels.txt`` written by tools/prepare_data.py."""
-    labels = {}
-    with open(path, encoding='ascii') as handle:
-        for number, line in enumerate(handle, 1):
-            parts = line.split()
-            if len(parts) != 3:
-                raise ValueError(f'{path}:{number}: expected "key label psnr", got {line.strip()!r}')
-            labels[parts[0]] = (int(parts[1]), float(parts[2]))
-    return labels
-
-
-def check_complete(root: Path) -> dict:
-    """The summary of a finished ``prepare_data`` run in ``root``; an error for anything else."""
-    summary_path = root / SUMMARY
-    if not summary_path.is_file():
-        raise FileNotFoundError(f'{root} is not a complete prepared set ({SUMMARY} is missing): run '
-                                'tools/prepare_data.py to the end; an interrupted run leaves only a '
-                                '*.incomplete folder')
-    summary = json.loads(summary_path.read_text())
-    if summary.get('complete') is not True:
-        raise ValueError(f'{summary_path} does not mark the set complete; prepare it again')
-    return summary
 
 
 @register(DATASET_REGISTRY)
@@ -61,26 +34,26 @@ class DifficultyPairedDataset(PairedImageDataset):
         if opt.get('io_backend', {}).get('type') != 'lmdb':
             raise ValueError(f"{opt.get('name', 'dataset')}: DifficultyPairedDataset reads LMDBs; "
                              'set io_backend: {type: lmdb}')
-        root = Path(opt['dataroot_lq']).parent
-        self.summary = check_complete(root)
+        prepared = PreparedSet(Path(opt['dataroot_lq']).parent)
+        self.summary = prepared.summary
         super().__init__(opt)
-        label_path = Path(opt.get('label_file') or root / LABELS)
-        labels = read_labels(label_path)
+        label_path = Path(opt['label_file']) if opt.get('label_file') else prepared.labels_path
+        labels = read_labels(label_path, prepared.num_classes)
         missing = [p['lq_path'] for p in self.paths if p['lq_path'] not in labels]
         if missing:
             raise ValueError(f'{label_path} has no label for {len(missing)} keys (e.g. {missing[0]}); '
                              'it does not belong to these LMDBs')
-        self.paths = self._keep_classes(opt.get('classes'), labels)
+        self.paths = self._keep_classes(opt.get('classes'), labels, prepared.num_classes)
         self.labels = [labels[p['lq_path']][0] for p in self.paths]
         self.psnr = [labels[p['lq_path']][1] for p in self.paths]
 
-    def _keep_classes(self, classes: Any, labels: dict[str, tuple[int, float]]) -> list[dict]:
+    def _keep_classes(self, classes: Any, labels: dict[str, tuple[int, float]], num_classes: int) -> list[dict]:
         if classes is None:
             return self.paths
         wanted = {int(c) for c in (classes if isinstance(classes, (list, tuple)) else [classes])}
-        unknown = wanted - set(range(self.summary['num_classes']))
+        unknown = wanted - set(range(num_classes))
         if unknown:
-            raise ValueError(f"classes: {sorted(unknown)} not in 0..{self.summary['num_classes'] - 1}")
+            raise ValueError(f"classes: {sorted(unknown)} not in 0..{num_classes - 1}")
         return [p for p in self.paths if labels[p['lq_path']][0] in wanted]
 
     def __getitem__(self, index: int) -> dict[str, Any]:

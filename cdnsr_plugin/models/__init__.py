@@ -2,5 +2,6 @@
 import importlib
 from pathlib import Path
 
-_modules = [importlib.import_module(f'{__name__}.{path.stem}')
-            for path in sorted(Path(__file__).parent.glob('*_model.py'))]
+_modules = [
+    importlib.import_module(f'{__name__}.{path.stem}') for path in sorted(Path(__file__).parent.glob('*_model.py'))
+]

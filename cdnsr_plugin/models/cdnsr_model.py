@@ -12,12 +12,12 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from cdnsr_plugin.checkpoint import load_weights
+from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table
+from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
 from cdnsr_plugin.losses import AverageLoss, ClassLoss, ContrastiveKDLoss, FLOPsRegLoss, PixelKDLoss
 from cdnsr_plugin.models.stages import Stage, parse_stages, stage_at
 from cdnsr_plugin.registry import register
-from cdnsr_plugin.routing.flops import CostTable, cost_table
-from cdnsr_plugin.routing.inference import routed_super_resolve
+from cdnsr_plugin.utils.checkpoint import load_parts, part_paths
 
 PROBABILITY_LOSSES = (ClassLoss, AverageLoss)
 OUTPUT_LOSSES = (PixelKDLoss, ContrastiveKDLoss)
@@ -41,12 +41,15 @@ class CDNSRModel(SRModel):
     Inherited from SRModel unchanged: network building and ``path.pretrain_network_g`` loading,
     optimizer set-up, EMA, saving, the validation loop and metrics. Overridden: training set-up
     (stages, losses, part loading), ``feed_data`` (labels), ``optimize_parameters``, ``test`` (routed
-    patch inference, every pixel covered), ``nondist_validation`` (adds routing statistics),
+    inference through ``RoutedEngine``, the executor ``tools/test_patches.py`` uses, with the classifier's
+    argmax; every pixel covered), ``nondist_validation`` (adds routing statistics),
     ``model_to_device`` (DDP on CPU too) and ``save`` (checks that DDP ranks hold the same weights).
 
     Extra ``path`` keys: ``pretrain_network_classifier``, ``pretrain_network_branch0`` ... (a plain
     BasicSR checkpoint such as MSRResNet's fits a branch of that arch), ``param_key_parts``,
-    ``strict_load_parts``. Extra ``val`` keys: ``patch`` (32), ``stride`` (28), ``max_batch`` (256).
+    ``strict_load_parts``. Extra ``val`` keys, read as the tester reads them (``EngineOptions.from_val``):
+    ``patch`` (32), ``stride`` (28), ``max_batch`` (16 on CPU, 128 on CUDA), ``channels_last`` (true),
+    ``precision`` (fp32).
     """
 
     # ------------------------------------------------------------------ set-up
@@ -145,17 +148,12 @@ class CDNSRModel(SRModel):
         path_opt = self.opt['path']
         if path_opt.get('resume_state'):
             return
-        net, logger = self.bare_net, get_root_logger()
-        key, strict = path_opt.get('param_key_parts'), path_opt.get('strict_load_parts', True)
-        parts = {f'pretrain_network_{name}': part for name, part in net.named_parts().items()}
-        unknown = [k for k in path_opt if k.startswith('pretrain_network_') and k != 'pretrain_network_g'
-                   and k not in parts]
-        if unknown:
-            raise ValueError(f'path.{unknown[0]}: the network has parts {sorted(parts)} only')
-        for name, part in parts.items():
-            if path_opt.get(name):
-                load_weights(part, path_opt[name], key, strict)
-                logger.info(f'Loaded {name[len("pretrain_network_"):]} from {path_opt[name]}')
+        load_parts(
+            self.bare_net.named_parts(),
+            part_paths(path_opt),
+            path_opt.get('param_key_parts'),
+            path_opt.get('strict_load_parts', True),
+            log=get_root_logger().info)
 
     def costs(self, patch: int) -> CostTable:
         """Per-patch cost table of the routed network at LR patch size ``patch`` (cached)."""
@@ -216,8 +214,8 @@ class CDNSRModel(SRModel):
                 raise ValueError(f'stage {stage.name} routes by labels but the batch has none')
             result = self.net_g(self.lq, labels=self.labels, return_outputs=need_outputs)
         else:
-            result = self.net_g(self.lq, routing=stage.routing, tau=tau, frozen=stage.frozen,
-                                return_outputs=need_outputs)
+            result = self.net_g(
+                self.lq, routing=stage.routing, tau=tau, frozen=stage.frozen, return_outputs=need_outputs)
         return result[0], result[1], (result[2] if need_outputs else None)
 
     def _loss(self, loss: torch.nn.Module, sr: torch.Tensor, probs: torch.Tensor,
@@ -237,38 +235,45 @@ class CDNSRModel(SRModel):
         probs = probs.detach()
         shares = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).double() / probs.shape[0]
         expected = (probs.double() @ self.branch_costs).mean() / self.branch_costs.max()
-        log = {'stage': float(stage.index + 1), **{f'cls{j}': float(v) for j, v in enumerate(shares)},
-               'flops_pct': 100.0 * float(expected)}
+        log = {
+            'stage': float(stage.index + 1),
+            **{
+                f'cls{j}': float(v)
+                for j, v in enumerate(shares)
+            }, 'flops_pct': 100.0 * float(expected)
+        }
         if tau is not None:
             log['tau'] = tau
         return log
 
     # ------------------------------------------------------------------ validation
     def test(self) -> None:
-        """Routed patch inference of the whole LR image (hard routing, every pixel covered)."""
-        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.bare_net
-        val_opt = self.opt.get('val') or {}
-        was_training = net.training
-        net.eval()
-        with torch.no_grad():
-            sr, labels, _ = routed_super_resolve(net, self.lq, patch=val_opt.get('patch', 32),
-                                                 stride=val_opt.get('stride', 28),
-                                                 max_batch=val_opt.get('max_batch', 256))
-        net.train(was_training)
-        self.output = sr[None]
-        counts = torch.bincount(labels.cpu(), minlength=net.num_classes)
+        """Routed inference of the whole LR image through ``RoutedEngine`` with the classifier's argmax: the
+        same executor, options and decision as ``tools/test_patches.py``, so both report the same PSNR."""
+        engine = getattr(self, '_val_engine', None) or self._make_engine()
+        result = engine.super_resolve(self.lq)
+        self.output = result.sr[None]
+        counts = torch.bincount(result.labels, minlength=engine.num_classes)
         self._val_counts = counts if getattr(self, '_val_counts', None) is None else self._val_counts + counts
+
+    def _make_engine(self) -> RoutedEngine:
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.bare_net
+        return RoutedEngine(net, EngineOptions.from_val(self.opt.get('val')), self.device)
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
         self._val_counts = None
-        super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+        self._val_engine = self._make_engine()  # one engine for the whole set (a converted copy is made once)
+        try:
+            super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+        finally:
+            self._val_engine = None
         if self._val_counts is not None:
             self._log_routing(dataloader.dataset.opt['name'], current_iter, tb_logger)
 
     def _log_routing(self, dataset_name: str, current_iter: Any, tb_logger) -> None:
         counts = self._val_counts.tolist()
         table = self.costs((self.opt.get('val') or {}).get('patch', 32))
-        percent = {c: 100.0 * table.routed(counts, c) / table.largest(c) for c in ('paper', 'macs')}
+        percent = {c: table.routed_percent(counts, c) for c in CONVENTIONS}
         shares = ', '.join(f'{100.0 * n / sum(counts):.1f}%' for n in counts)
         get_root_logger().info(
             f'Routing on {dataset_name}: patches per class {counts} ({shares}); FLOPs per patch incl. classifier '
@@ -278,7 +283,6 @@ class CDNSRModel(SRModel):
                 tb_logger.add_scalar(f'routing/{dataset_name}/flops_pct_{convention}', value, current_iter)
             for j, n in enumerate(counts):
                 tb_logger.add_scalar(f'routing/{dataset_name}/class{j}_share', n / sum(counts), current_iter)
-        self.last_routing = {'counts': counts, 'flops_pct': percent}
 
     # ------------------------------------------------------------------ saving
     def save(self, epoch: int, current_iter: int) -> None:

@@ -33,8 +33,12 @@ from typing import Any, Optional
 
 STAGE_NAMES = ('pretrain', 'classifier', 'distill', 'finetune')
 PARTS = ('classifier', 'branches')
-DEFAULT_TRAIN = {'pretrain': ('branches', ), 'classifier': ('classifier', ), 'distill': ('branches', ),
-                 'finetune': ('classifier', 'branches')}
+DEFAULT_TRAIN = {
+    'pretrain': ('branches', ),
+    'classifier': ('classifier', ),
+    'distill': ('branches', ),
+    'finetune': ('classifier', 'branches')
+}
 DEFAULT_ROUTING = {'pretrain': 'labels', 'classifier': 'soft', 'distill': 'hard', 'finetune': 'soft'}
 ROUTINGS = ('labels', 'soft', 'gumbel', 'hard')
 
@@ -82,8 +86,10 @@ def _stage_errors(raw: Any, i: int, loss_names: set[str]) -> list[str]:
     if not isinstance(losses, dict) or not losses:
         errors.append(f'{key}.losses must map loss names to weights, e.g. {{pixel: 1}}')
     else:
-        errors += [f'{key}.losses.{name} is not configured in train.losses (configured: {sorted(loss_names)})'
-                   for name in losses if name not in loss_names]
+        errors += [
+            f'{key}.losses.{name} is not configured in train.losses (configured: {sorted(loss_names)})'
+            for name in losses if name not in loss_names
+        ]
     parts = raw.get('train')
     if parts is not None and (not isinstance(parts, list) or not parts or any(p not in PARTS for p in parts)):
         errors.append(f'{key}.train must list parts among {PARTS}, got {parts!r}')
@@ -108,8 +114,11 @@ def parse_stages(train_opt: dict, loss_names: set[str]) -> tuple[list[Stage], li
         name = raw['name']
         routing = raw.get('routing', DEFAULT_ROUTING[name])
         tau = tuple(float(t) for t in raw['tau']) if raw.get('tau') else ((1.0, 0.4) if routing == 'gumbel' else None)
-        stages.append(Stage(i, name, start, raw['iters'], tuple(raw.get('train', DEFAULT_TRAIN[name])), routing,
-                            {k: float(v) for k, v in raw['losses'].items()}, tau))
+        stages.append(
+            Stage(i, name, start, raw['iters'], tuple(raw.get('train', DEFAULT_TRAIN[name])), routing, {
+                k: float(v)
+                for k, v in raw['losses'].items()
+            }, tau))
         start += raw['iters']
     total = train_opt.get('total_iter')
     if total is not None and int(total) != start - 1:

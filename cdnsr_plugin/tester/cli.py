@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 import cdnsr_plugin  # noqa: F401  (registers the plugin's archs before the network is built)
-from cdnsr_plugin.tester import report as reporting
 from cdnsr_plugin.tester.config import from_args
-from cdnsr_plugin.tester.run import Runner, sweep_series
+from cdnsr_plugin.tester.report import format_summary, sweep_series, write_report
+from cdnsr_plugin.tester.run import Runner
+from cdnsr_plugin.utils.viz import plot_psnr_flops
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -24,21 +25,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f'error: {exc}', file=sys.stderr)
         return 2
     report = runner.run()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    written = list(reporting.write_report(cfg.out, report))
-    if sum(s['kind'] == 'routed' for s in report['settings']) > 1:
+    written = list(write_report(cfg.out, report))
+    if sum(s.kind == 'routed' for s in report.settings) > 1:
         series = sweep_series(report, cfg.convention)
         if series:
-            written.append(reporting.plot_psnr_flops(series, cfg.out / 'psnr_flops.png', cfg.convention,
-                                                     title=f'{cfg.name}: PSNR (Y) vs FLOPs per patch'))
+            written.append(
+                plot_psnr_flops(
+                    series,
+                    cfg.out / 'psnr_flops.png',
+                    cfg.convention,
+                    title=f'{cfg.name}: PSNR (Y) vs FLOPs per patch'))
         else:
             print('No PSNR-FLOPs plot: no image had ground truth to score (give --gt or dataroot_gt).')
-    print(reporting.format_summary(report))
-    first = next((s['images'] for s in report['settings'] if s['name'] == cfg.save_setting), [])
-    if first and first[0]['sr_path']:
-        print(f'SR images and class maps: {Path(first[0]["sr_path"]).parent}/ (e.g. {first[0]["overlay_path"]})')
+    print(format_summary(report))
+    saved = next((s.images for s in report.settings if s.name == cfg.save_setting), [])
+    if saved and saved[0].sr_path:
+        print(f'SR images and class maps: {Path(saved[0].sr_path).parent}/ (e.g. {saved[0].overlay_path})')
     print('Reports: ' + ', '.join(str(path) for path in written))
-    return 1 if report['failures'] else 0
+    return 1 if report.failures else 0
 
 
 if __name__ == '__main__':

@@ -14,13 +14,14 @@ into the checkpoint's experiment folder (``experiments/<name>/models/x.pth`` -> 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from cdnsr_plugin.compat import load_yaml
-from cdnsr_plugin.tester.engine import PRECISIONS
+from cdnsr_plugin.inference.engine import PRECISIONS, EngineOptions
 
 DEFAULT_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ROUTERS = ('classifier', 'laplacian')
@@ -59,11 +60,7 @@ class TestConfig:
     parts: dict[str, Path] = field(default_factory=dict)  # pretrain_network_branch<i> / _classifier -> file
     param_key: Optional[str] = None
     strict: bool = True
-    patch: int = 32
-    stride: int = 28
-    max_batch: Optional[int] = None  # None: the engine's per-device default
-    channels_last: bool = True
-    precision: str = 'fp32'
+    engine: EngineOptions = EngineOptions()  # max_batch None: the engine's per-device default
     device: str = 'auto'
     threads: Optional[int] = None
     router: str = 'classifier'
@@ -79,17 +76,23 @@ class TestConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tools/test_patches.py``."""
     parser = argparse.ArgumentParser(
-        prog='test_patches.py', description='Routed, full-coverage patch-wise SR with reports, class maps and a '
+        prog='test_patches.py',
+        description='Routed, full-coverage patch-wise SR with reports, class maps and a '
         'cost knob. Either -opt TEST_OPTIONS.yml, or --input LR_DIR [--gt HR_DIR] --checkpoint CKPT --scale S.')
     source = parser.add_argument_group('what to test')
     source.add_argument('-opt', help='BasicSR test option file (datasets, network_g, path, val)')
     source.add_argument('--input', type=Path, help='folder of LR images (direct mode)')
     source.add_argument('--gt', type=Path, help='folder of HR images named like the LR ones (direct mode)')
     source.add_argument('--checkpoint', type=Path, help='weights (.pth); overrides path.pretrain_network_g')
-    source.add_argument('--branches', help='comma-separated branch checkpoints, smallest first (e.g. with '
-                        '--router laplacian when no classifier was trained); loaded after --checkpoint')
-    source.add_argument('--network', type=Path, help='option file with network_g (direct mode; default: the '
-                        'option file BasicSR saved in the checkpoint\'s experiment folder)')
+    source.add_argument(
+        '--branches',
+        help='comma-separated branch checkpoints, smallest first (e.g. with '
+        '--router laplacian when no classifier was trained); loaded after --checkpoint')
+    source.add_argument(
+        '--network',
+        type=Path,
+        help='option file with network_g (direct mode; default: the '
+        'option file BasicSR saved in the checkpoint\'s experiment folder)')
     source.add_argument('--scale', type=int, help='upscaling factor (checked against the network)')
     source.add_argument('--name', help='run name (default: from the option file, else the LR folder name)')
     source.add_argument('--out', type=Path, help='results folder (default: results/<name>)')
@@ -102,24 +105,40 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument('--device', help='cpu, cuda, cuda:1 or auto (default: option num_gpu, else auto)')
     engine.add_argument('--threads', type=int, help='CPU threads for torch (default: torch\'s choice)')
     routing = parser.add_argument_group('routing and the cost knob')
-    routing.add_argument('--router', choices=ROUTERS, help='learned classifier (default) or the training-free '
-                         'Laplacian router')
+    routing.add_argument(
+        '--router', choices=ROUTERS, help='learned classifier (default) or the training-free '
+        'Laplacian router')
     routing.add_argument('--router-file', type=Path, help='Laplacian router thresholds (JSON from --fit-router)')
-    routing.add_argument('--fit-router', type=Path, help='prepared set (tools/prepare_data.py output) to fit '
-                         'the Laplacian router on; saved as <out>/laplacian_router.json')
+    routing.add_argument(
+        '--fit-router',
+        type=Path,
+        help='prepared set (tools/prepare_data.py output) to fit '
+        'the Laplacian router on; saved as <out>/laplacian_router.json')
     knob = routing.add_mutually_exclusive_group()
     knob.add_argument('--eta', type=float, help='route by argmax_j(log p_j - eta * C_j / C_max); 0 = argmax')
-    knob.add_argument('--budget', type=float, help='FLOPs per patch as a fraction of the largest branch, '
-                      'e.g. 0.5; eta is solved per image')
-    knob.add_argument('--sweep', nargs='?', const=','.join(map(str, DEFAULT_SWEEP)),
-                      help='comma-separated budgets (default %(const)s) plus argmax; draws the PSNR-FLOPs curve')
-    routing.add_argument('--convention', choices=('paper', 'macs'), help='FLOPs convention of --budget '
-                         '(default paper)')
-    routing.add_argument('--compare-backbone', action='store_true', help='also run the largest branch on the full '
-                         'image and patch-wise, and print routed/backbone ratios')
+    knob.add_argument(
+        '--budget',
+        type=float,
+        help='FLOPs per patch as a fraction of the largest branch, '
+        'e.g. 0.5; eta is solved per image')
+    knob.add_argument(
+        '--sweep',
+        nargs='?',
+        const=','.join(map(str, DEFAULT_SWEEP)),
+        help='comma-separated budgets (default %(const)s) plus argmax; draws the PSNR-FLOPs curve')
+    routing.add_argument(
+        '--convention', choices=('paper', 'macs'), help='FLOPs convention of --budget '
+        '(default paper)')
+    routing.add_argument(
+        '--compare-backbone',
+        action='store_true',
+        help='also run the largest branch on the full '
+        'image and patch-wise, and print routed/backbone ratios')
     parser.add_argument('--no-save-images', action='store_true', help='write reports only')
-    parser.add_argument('--save-setting', help='the setting whose SR images and class maps are written, e.g. '
-                        'budget=0.50 (default: the first, argmax or the one --eta/--budget names)')
+    parser.add_argument(
+        '--save-setting',
+        help='the setting whose SR images and class maps are written, e.g. '
+        'budget=0.50 (default: the first, argmax or the one --eta/--budget names)')
     return parser
 
 
@@ -145,8 +164,11 @@ def _dataset_specs(opt: dict, source: str) -> list[DatasetSpec]:
         _check_folder(Path(data['dataroot_lq']).expanduser(), f'{key}.dataroot_lq')
         if gt:
             _check_folder(Path(gt).expanduser(), f'{key}.dataroot_gt')
-        specs.append(DatasetSpec(str(data.get('name', phase)), Path(data['dataroot_lq']).expanduser(),
-                                 Path(gt).expanduser() if gt else None, data.get('filename_tmpl', '{}')))
+        specs.append(
+            DatasetSpec(
+                str(data.get('name', phase)),
+                Path(data['dataroot_lq']).expanduser(),
+                Path(gt).expanduser() if gt else None, data.get('filename_tmpl', '{}')))
     if not specs:
         raise ValueError(f'{source} has no datasets: add datasets.test_1 with dataroot_lq (and dataroot_gt)')
     return specs
@@ -164,7 +186,7 @@ def network_options(path: Path) -> dict:
     opt = load_yaml(str(path))
     if not isinstance(opt, dict) or not isinstance(opt.get('network_g'), dict):
         raise ValueError(f'{path} has no network_g section; pass an option file such as '
-                         'options/net_CDNSR_FSRCNN_x4.yml with --network')
+                         'options/networks/CDNSR_FSRCNN_x4.yml with --network')
     return dict(opt['network_g'])
 
 
@@ -177,7 +199,7 @@ def find_experiment_options(checkpoint: Path) -> Path:
         if isinstance(opt, dict) and isinstance(opt.get('network_g'), dict):
             return candidate
     raise FileNotFoundError(f'cannot tell the network of {checkpoint}: it is not in a BasicSR experiment folder '
-                            'with its option file; pass --network options/net_CDNSR_<backbone>_x4.yml (or the '
+                            'with its option file; pass --network options/networks/CDNSR_<backbone>_x4.yml (or the '
                             'training option file)')
 
 
@@ -244,13 +266,21 @@ def _from_option_file(args: argparse.Namespace) -> dict[str, Any]:
     path_opt = opt.get('path') or {}
     checkpoint = args.checkpoint or (Path(path_opt['pretrain_network_g']).expanduser()
                                      if path_opt.get('pretrain_network_g') else None)
-    return {'datasets': _dataset_specs(opt, args.opt), 'network': network, 'checkpoint': checkpoint,
-            'name': args.name or opt.get('name') or Path(args.opt).stem, 'scale': opt.get('scale'),
-            'val': opt.get('val') or {}, 'param_key': path_opt.get('param_key_g'),
-            'strict': path_opt.get('strict_load_g', True),
-            'parts': {k: Path(v).expanduser() for k, v in path_opt.items()
-                      if k.startswith('pretrain_network_') and k != 'pretrain_network_g' and v},
-            'device': args.device or ('cpu' if opt.get('num_gpu') == 0 else 'auto')}
+    return {
+        'datasets': _dataset_specs(opt, args.opt),
+        'network': network,
+        'checkpoint': checkpoint,
+        'name': args.name or opt.get('name') or Path(args.opt).stem,
+        'scale': opt.get('scale'),
+        'val': opt.get('val') or {},
+        'param_key': path_opt.get('param_key_g'),
+        'strict': path_opt.get('strict_load_g', True),
+        'parts': {
+            k: Path(v).expanduser()
+            for k, v in path_opt.items() if k.startswith('pretrain_network_') and k != 'pretrain_network_g' and v
+        },
+        'device': args.device or ('cpu' if opt.get('num_gpu') == 0 else 'auto')
+    }
 
 
 def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -265,9 +295,25 @@ def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
     if args.gt is not None:
         _check_folder(args.gt, '--gt')
     dataset = DatasetSpec(args.input.resolve().name or 'input', args.input, args.gt)
-    return {'datasets': [dataset], 'network': network_options(args.network or find_experiment_options(args.checkpoint)),
-            'checkpoint': args.checkpoint, 'name': args.name or dataset.name, 'scale': args.scale, 'val': {},
-            'param_key': None, 'strict': True, 'parts': {}, 'device': args.device or 'auto'}
+    return {
+        'datasets': [dataset],
+        'network': network_options(args.network or find_experiment_options(args.checkpoint)),
+        'checkpoint': args.checkpoint,
+        'name': args.name or dataset.name,
+        'scale': args.scale,
+        'val': {},
+        'param_key': None,
+        'strict': True,
+        'parts': {},
+        'device': args.device or 'auto'
+    }
+
+
+def _engine_options(args: argparse.Namespace, val: dict) -> EngineOptions:
+    """The ``val`` keys as validation reads them (``EngineOptions.from_val``), then the flags over them."""
+    flags = {'patch': args.patch, 'stride': args.stride, 'max_batch': args.max_batch, 'precision': args.precision}
+    options = dataclasses.replace(EngineOptions.from_val(val), **{k: v for k, v in flags.items() if v is not None})
+    return dataclasses.replace(options, channels_last=False) if args.no_channels_last else options
 
 
 def from_args(argv: Optional[list[str]] = None) -> TestConfig:
@@ -277,13 +323,15 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
         raise ValueError('give either -opt TEST_OPTIONS.yml or --input LR_DIR (direct mode), not both or neither')
     base = _from_option_file(args) if args.opt else _from_flags(args)
     datasets, network, checkpoint, name = base['datasets'], base['network'], base['checkpoint'], base['name']
-    scale, val, param_key, strict, parts, device = (base[k] for k in ('scale', 'val', 'param_key', 'strict',
-                                                                     'parts', 'device'))
+    scale, val, param_key, strict, parts, device = (
+        base[k] for k in ('scale', 'val', 'param_key', 'strict', 'parts', 'device'))
     if args.scale is not None:
         scale = args.scale
     if args.branches:
-        parts.update({f'pretrain_network_branch{i}': Path(p.strip()).expanduser()
-                      for i, p in enumerate(args.branches.split(','))})
+        parts.update({
+            f'pretrain_network_branch{i}': Path(p.strip()).expanduser()
+            for i, p in enumerate(args.branches.split(','))
+        })
     router = _pick(args.router, val.get('router'), 'classifier')
     if router not in ROUTERS:
         raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
@@ -304,13 +352,22 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
                          'path.pretrain_network_classifier); without a trained classifier use --router laplacian')
     settings = _settings(args, val, router)
     return TestConfig(
-        name=str(name), out=args.out or Path('results') / str(name), scale=scale, network=network,
-        checkpoint=checkpoint, datasets=datasets, parts=parts, param_key=param_key, strict=bool(strict),
-        patch=_pick(args.patch, val.get('patch'), 32), stride=_pick(args.stride, val.get('stride'), 28),
-        max_batch=_pick(args.max_batch, val.get('max_batch'), None),
-        channels_last=not args.no_channels_last and val.get('channels_last', True),
-        precision=_pick(args.precision, val.get('precision'), 'fp32'), device=device, threads=args.threads,
-        router=router, router_file=router_file, fit_router=args.fit_router, settings=settings,
+        name=str(name),
+        out=args.out or Path('results') / str(name),
+        scale=scale,
+        network=network,
+        checkpoint=checkpoint,
+        datasets=datasets,
+        parts=parts,
+        param_key=param_key,
+        strict=bool(strict),
+        engine=_engine_options(args, val),
+        device=device,
+        threads=args.threads,
+        router=router,
+        router_file=router_file,
+        fit_router=args.fit_router,
+        settings=settings,
         compare_backbone=bool(args.compare_backbone or val.get('compare_backbone')),
         convention=convention,
         save_images=not args.no_save_images and val.get('save_img', True) is not False,

@@ -10,7 +10,7 @@ image failed.
 FLOPs accounting (per image, both conventions): a routed setting costs ``sum_j counts_j * (C_cls + C_j)``
 (the classifier runs on every tile; the Laplacian router's ~8 MACs per pixel replace it);
 ``backbone patch-wise`` costs ``N * C_largest``; ``backbone full image`` costs the largest branch on the
-whole image, extrapolated exactly from two probe sizes (``routing.flops.full_image_cost``), i.e. without
+whole image, extrapolated exactly from two probe sizes (``inference.costs.full_image_cost``), i.e. without
 the ``(32/28)^2`` overlap of tiles. ``per_patch`` divides every total by the same tile count ``N``.
 """
 from __future__ import annotations
@@ -30,16 +30,18 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 from tqdm import tqdm
 
-from cdnsr_plugin.checkpoint import load_weights
-from cdnsr_plugin.data.image_io import SkipImage, Skipped, list_images, read_image, to_tensor, write_image
-from cdnsr_plugin.routing.flops import CONVENTIONS, CostTable, cost_table, full_image_coefficients, full_image_cost
-from cdnsr_plugin.routing.routers import LaplacianRouter, cost_aware_labels, solve_budget
-from cdnsr_plugin.tester import report as reporting
+from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table, full_image_coefficients, full_image_cost
+from cdnsr_plugin.inference.engine import RoutedEngine
+from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, LaplacianRouter
+from cdnsr_plugin.inference.policies import cost_aware_labels, solve_budget
+from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.config import DatasetSpec, Setting, TestConfig
-from cdnsr_plugin.routing.patches import PatchGrid
-from cdnsr_plugin.tester.engine import EngineOptions, Measurement, RoutedEngine, measure
-
-LAPLACIAN_MACS_PER_PIXEL = 8  # Y conversion (3) + 5-tap Laplacian; 'paper' counts 2x
+from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, SettingResult
+from cdnsr_plugin.utils.checkpoint import load_parts, load_weights
+from cdnsr_plugin.utils.image import to_tensor
+from cdnsr_plugin.utils.io import SkipImage, Skipped, list_images, read_image, write_image
+from cdnsr_plugin.utils.timing import Measurement, measure
+from cdnsr_plugin.utils.viz import draw_class_map
 
 
 class ImageFailure(Exception):
@@ -74,12 +76,7 @@ def load_network(cfg: TestConfig) -> torch.nn.Module:
     net = build_network(dict(cfg.network))
     if cfg.checkpoint is not None:
         load_weights(net, cfg.checkpoint, cfg.param_key, cfg.strict)
-    parts = {f'pretrain_network_{name}': part for name, part in net.named_parts().items()}
-    for key, path in cfg.parts.items():
-        if key not in parts:
-            raise ValueError(f'{key}: the network has parts {sorted(parts)} only (it has {len(net.branches)} '
-                             'branches)')
-        load_weights(parts[key], path)
+    load_parts(net.named_parts(), cfg.parts)
     if cfg.scale is not None and cfg.scale != net.scale:
         raise ValueError(f'scale is {cfg.scale} but network_g upscales x{net.scale}')
     return net
@@ -102,13 +99,13 @@ def load_router(cfg: TestConfig, num_classes: int) -> Optional[LaplacianRouter]:
 
 
 # ---------------------------------------------------------------------- reading
-def gt_index(spec: DatasetSpec, failures: list[dict]) -> dict[str, Path]:
+def gt_index(spec: DatasetSpec, failures: list[Failure]) -> dict[str, Path]:
     """LR stem -> GT path, through BasicSR's ``filename_tmpl`` (LR name = tmpl.format(GT name))."""
     if spec.gt is None:
         return {}
     skipped = Skipped()
     paths = list_images(spec.gt, skipped)
-    failures.extend({'file': path, 'error': reason} for path, reason in skipped.items)
+    failures.extend(Failure(path, reason) for path, reason in skipped.items)
     return {spec.filename_tmpl.format(path.stem): path for path in paths}
 
 
@@ -152,7 +149,7 @@ def decide(setting: Setting, logits: Optional[torch.Tensor], router_labels: Opti
 
 
 def flops_of(setting: Setting, counts: list[int], table: CostTable, router_cost: Optional[dict[str, float]],
-             full_coefficients: Optional[dict], size: tuple[int, int]) -> dict[str, dict[str, float]]:
+             full_coefficients: Optional[dict], size: tuple[int, int]) -> dict[str, Flops]:
     """Whole-image cost, cost per tile and % of the largest branch per tile, both conventions."""
     n = sum(counts)
     result = {}
@@ -166,8 +163,7 @@ def flops_of(setting: Setting, counts: list[int], table: CostTable, router_cost:
             total = table.routed(counts, convention) * n
         else:  # the Laplacian router's cost replaces the classifier's
             total = float(np.dot(counts, [b.value(convention) for b in table.branches])) + n * router_cost[convention]
-        result[convention] = {'total': float(total), 'per_patch': total / n,
-                              'percent_of_largest': 100.0 * total / n / largest}
+        result[convention] = Flops(float(total), total / n, 100.0 * total / n / largest)
     return result
 
 
@@ -201,21 +197,22 @@ class Runner:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         net = load_network(cfg)
-        self.table = cost_table(net, patch=cfg.patch)  # before the engine changes format / precision
+        patch = cfg.engine.patch
+        self.table = cost_table(net, patch=patch)
         self.router = load_router(cfg, net.num_classes)
-        patch = cfg.patch
-        self.router_cost = ({'macs': LAPLACIAN_MACS_PER_PIXEL * patch * patch,
-                             'paper': 2 * LAPLACIAN_MACS_PER_PIXEL * patch * patch} if self.router else None)
-        self.full_coefficients = (full_image_coefficients(net.branches[-1], cfg.patch)
-                                  if any(s.kind == 'backbone-full' for s in cfg.settings) else None)
-        options = EngineOptions(patch=cfg.patch, stride=cfg.stride, max_batch=cfg.max_batch,
-                                channels_last=cfg.channels_last, precision=cfg.precision)
-        self.engine = RoutedEngine(net, options, self.device)
-        self.records: dict[str, list[dict]] = {s.name: [] for s in cfg.settings}
-        self.failures: list[dict] = []
+        self.router_cost = ({
+            'macs': LAPLACIAN_MACS_PER_PIXEL * patch * patch,
+            'paper': 2 * LAPLACIAN_MACS_PER_PIXEL * patch * patch
+        } if self.router else None)
+        self.full_coefficients = (
+            full_image_coefficients(net.branches[-1], patch) if any(s.kind == 'backbone-full'
+                                                                    for s in cfg.settings) else None)
+        self.engine = RoutedEngine(net, cfg.engine, self.device)
+        self.results = [SettingResult(s.name, s.kind) for s in cfg.settings]
+        self.failures: list[Failure] = []
         self.notes: list[dict] = []
 
-    def run(self) -> dict:
+    def run(self) -> Report:
         self.warm_up()
         for spec in self.cfg.datasets:
             self.run_dataset(spec)
@@ -224,7 +221,7 @@ class Runner:
     def warm_up(self) -> None:
         """One small pass through the classifier and every branch, so that the first image's timings do not
         include one-time set-up (allocator growth, oneDNN primitives, the CUDA context)."""
-        p, m = self.cfg.patch, self.engine.num_classes
+        p, m = self.cfg.engine.patch, self.engine.num_classes
         lr = torch.rand(3, p, p * m, device=self.device)
         grid = self.engine.grid(lr)
         self.engine.classify(lr, grid)
@@ -237,17 +234,17 @@ class Runner:
             paths = list_images(spec.lq, skipped)
             gts = gt_index(spec, self.failures)
         except (FileNotFoundError, ValueError, KeyError, IndexError) as exc:
-            self.failures.append({'file': str(spec.lq), 'error': f'{type(exc).__name__}: {exc}'})
+            self.failures.append(Failure(str(spec.lq), f'{type(exc).__name__}: {exc}'))
             return
-        self.failures.extend({'file': path, 'error': reason} for path, reason in skipped.items)
+        self.failures.extend(Failure(path, reason) for path, reason in skipped.items)
         for path in tqdm(paths, desc=f'{spec.name}', unit='image', file=sys.stderr):
             try:
                 pair = load_pair(path, gts.get(path.stem), self.engine.scale, spec.gt is not None)
                 self.run_image(spec, pair)
             except ImageFailure as exc:
-                self.failures.append({'file': str(path), 'error': str(exc)})
+                self.failures.append(Failure(str(path), str(exc)))
             except Exception as exc:  # noqa: BLE001 (one image must not end a batch run: OOM, I/O, cv2)
-                self.failures.append({'file': str(path), 'error': f'{type(exc).__name__}: {exc}'})
+                self.failures.append(Failure(str(path), f'{type(exc).__name__}: {exc}'))
                 if self.device.type == 'cuda':
                     torch.cuda.empty_cache()
 
@@ -262,7 +259,7 @@ class Runner:
                 router_labels = self.engine.map_tiles(lr, lambda t: self.router(t.float()).cpu(), grid)
             elif any(s.kind == 'routed' for s in self.cfg.settings):
                 logits, _ = self.engine.classify(lr, grid)
-        records = {}  # kept only if every setting succeeds, so all settings compare the same images
+        records = []  # kept only if every setting succeeds, so all settings compare the same images
         for setting in self.cfg.settings:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
@@ -280,79 +277,65 @@ class Runner:
             record = self.record(spec, pair, setting, labels, eta, sr_img, seconds, timing, grid)
             if setting.name == self.cfg.save_setting and self.cfg.save_images:
                 self.save_images(spec, pair.path.stem, sr_img, labels, grid, record)
-            records[setting.name] = record
-        for name, record in records.items():
-            self.records[name].append(record)
+            records.append(record)
+        for result, record in zip(self.results, records):
+            result.images.append(record)
 
     def note(self, path: Path, notes: list[str]) -> None:
         self.notes.append({'file': str(path), 'notes': notes})
         tqdm.write(f'note: {path}: {"; ".join(notes)}', file=sys.stderr)
 
-    def record(self, spec: DatasetSpec, pair: LoadedPair, setting: Setting, labels: torch.Tensor,
-               eta: Optional[float], sr_img: np.ndarray, seconds: float, timing: Measurement,
-               grid: PatchGrid) -> dict[str, Any]:
+    def record(self, spec: DatasetSpec, pair: LoadedPair, setting: Setting, labels: torch.Tensor, eta: Optional[float],
+               sr_img: np.ndarray, seconds: float, timing: Measurement, grid: PatchGrid) -> ImageRecord:
         """The report's record of one image under one setting."""
         counts = torch.bincount(labels, minlength=self.engine.num_classes).tolist()
         lr_size = (int(pair.lr.shape[-2]), int(pair.lr.shape[-1]))
-        return {'dataset': spec.name, 'image': pair.path.stem, 'lr_size': list(lr_size),
-                'sr_size': [int(sr_img.shape[0]), int(sr_img.shape[1])], 'patches': len(grid), 'counts': counts,
-                'eta': eta, **metrics(sr_img, pair.gt, self.engine.scale),
-                'flops': flops_of(setting, counts, self.table, self.router_cost, self.full_coefficients, lr_size),
-                'time_s': seconds, 'peak_memory_mb': timing.peak_memory_mb, 'sr_path': None, 'overlay_path': None}
+        return ImageRecord(
+            spec.name,
+            pair.path.stem,
+            list(lr_size), [int(sr_img.shape[0]), int(sr_img.shape[1])],
+            len(grid),
+            counts,
+            eta,
+            **metrics(sr_img, pair.gt, self.engine.scale),
+            flops=flops_of(setting, counts, self.table, self.router_cost, self.full_coefficients, lr_size),
+            time_s=seconds,
+            peak_memory_mb=timing.peak_memory_mb)
 
     def save_images(self, spec: DatasetSpec, stem: str, sr_img: np.ndarray, labels: torch.Tensor, grid: PatchGrid,
-                    record: dict[str, Any]) -> None:
+                    record: ImageRecord) -> None:
         """Write the SR image and its class map (atomically) and note their paths in ``record``."""
         folder = self.cfg.out / spec.name
-        folder.mkdir(parents=True, exist_ok=True)
         sr_path, overlay_path = folder / f'{stem}.png', folder / f'{stem}_classmap.png'
         write_image(sr_path, sr_img)
-        overlay = reporting.draw_class_map(sr_img, grid.positions().numpy(), grid.patch, self.engine.scale,
-                                           labels.numpy(), self.engine.num_classes)
+        overlay = draw_class_map(sr_img,
+                                 grid.positions().numpy(), grid.patch, self.engine.scale, labels.numpy(),
+                                 self.engine.num_classes)
         write_image(overlay_path, overlay)
-        record['sr_path'], record['overlay_path'] = str(sr_path), str(overlay_path)
+        record.sr_path, record.overlay_path = str(sr_path), str(overlay_path)
 
     # ------------------------------------------------------------------ report
-    def build_report(self) -> dict:
-        settings = [{'name': s.name, 'kind': s.kind, 'images': self.records[s.name],
-                     'sets': reporting.aggregate(self.records[s.name])} for s in self.cfg.settings]
-        return {'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-                'command': self.command, 'device': str(self.device), 'torch': torch.__version__,
-                'threads': torch.get_num_threads(), 'network': self.network_info(), 'settings': settings,
-                'comparison': comparisons(settings), 'failures': self.failures, 'notes': self.notes}
+    def build_report(self) -> Report:
+        return Report(datetime.datetime.now().astimezone().isoformat(timespec='seconds'), self.command,
+                      str(self.device), torch.__version__, torch.get_num_threads(), self.network_info(), self.results,
+                      self.failures, self.notes)
 
     def network_info(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {'network_g': json.loads(json.dumps(cfg.network, default=str)), 'costs': self.table.to_dict(),
-                'checkpoint': str(cfg.checkpoint) if cfg.checkpoint else None,
-                'parts': {k: str(v) for k, v in cfg.parts.items()}, 'router': cfg.router,
-                'router_thresholds': list(self.router.thresholds) if self.router else None,
-                'patch': cfg.patch, 'stride': cfg.stride, 'max_batch': self.engine.max_batch,
-                'channels_last': cfg.channels_last, 'precision': cfg.precision, 'budget_convention': cfg.convention}
-
-
-def comparisons(settings: list[dict]) -> list[dict]:
-    """Every routed setting against each backbone setting, per dataset (``report.compare``)."""
-    routed = [s for s in settings if s['kind'] == 'routed']
-    return [row for base in settings if base['kind'] != 'routed' for setting in routed
-            for row in reporting.compare(setting, base)]
-
-
-def sweep_series(report: dict, convention: str = 'paper') -> list[dict]:
-    """PSNR-FLOPs series for the plot: the routed settings as one curve, each baseline as a point."""
-    series = []
-    routed = [s for s in report['settings'] if s['kind'] == 'routed']
-    for dataset in dict.fromkeys(row['dataset'] for s in report['settings'] for row in s['sets']):
-        def point(setting):
-            row = next((r for r in setting['sets'] if r['dataset'] == dataset), None)
-            if row is None or row.get('psnr_y') is None:
-                return None
-            return (row['flops'][convention]['percent_of_largest'], row['psnr_y'])
-        points = sorted(p for p in map(point, routed) if p is not None)
-        if points:
-            series.append({'label': f'{dataset}: routed (eta / budget)', 'points': points, 'style': 'line'})
-        for base in (s for s in report['settings'] if s['kind'] != 'routed'):
-            p = point(base)
-            if p is not None:
-                series.append({'label': f'{dataset}: {base["name"]}', 'points': [p], 'style': 'point'})
-    return series
+        return {
+            'network_g': json.loads(json.dumps(cfg.network, default=str)),
+            'costs': self.table.to_dict(),
+            'checkpoint': str(cfg.checkpoint) if cfg.checkpoint else None,
+            'parts': {
+                k: str(v)
+                for k, v in cfg.parts.items()
+            },
+            'router': cfg.router,
+            'router_thresholds': list(self.router.thresholds) if self.router else None,
+            'patch': cfg.engine.patch,
+            'stride': cfg.engine.stride,
+            'max_batch': self.engine.max_batch,
+            'channels_last': cfg.engine.channels_last,
+            'precision': cfg.engine.precision,
+            'budget_convention': cfg.convention
+        }

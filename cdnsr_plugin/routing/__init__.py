@@ -1,1 +1,0 @@
-"""Routing utilities: patch decomposition/merging and FLOPs accounting."""

@@ -1,0 +1,54 @@
+"""The README's first command: ``cdnsr-demo`` end to end (``--quick``), on scikit-image's bundled photos."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+from cdnsr_plugin.demo import MARKER, start
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_demo_runs_end_to_end_and_its_files_are_valid(tmp_path):
+    work = tmp_path / 'demo'
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
+    result = subprocess.run(
+        [sys.executable, '-m', 'cdnsr_plugin.demo', '--quick', '--work', 'demo'],  # relative
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = work / 'results'
+    lr = cv2.imread(str(work / 'test' / 'LR_bicubic' / 'X4' / 'coffee.png'))
+    sr = cv2.imread(str(results / 'X4' / 'coffee.png'))
+    overlay = cv2.imread(str(results / 'X4' / 'coffee_classmap.png'))
+    assert sr.shape == overlay.shape == (4 * lr.shape[0], 4 * lr.shape[1], 3)
+    assert cv2.imread(str(results / 'psnr_flops.png')) is not None
+    report = json.loads((results / 'report.json').read_text())
+    names = [s['name'] for s in report['settings']]
+    assert names[0] == 'argmax' and 'budget=0.50' in names and 'backbone full image' in names
+    routed = {s['name']: s['sets'][0] for s in report['settings']}
+    assert abs(routed['budget=0.50']['flops']['paper']['percent_of_largest'] - 50) <= 2
+    assert routed['argmax']['psnr_y'] > 20  # a trained network, not noise
+    assert not report['failures']
+    for line in ('SR image', 'class map', 'PSNR-FLOPs plot'):
+        assert line in result.stdout  # the demo tells the user where its files are
+
+
+def test_demo_replaces_only_its_own_folder(tmp_path):
+    mine = tmp_path / 'old_demo'
+    start(mine)
+    (mine / 'stale.txt').write_text('from an earlier run')
+    start(mine)
+    assert (mine / MARKER).is_file() and not (mine / 'stale.txt').exists()
+    other = tmp_path / 'user_data'
+    other.mkdir()
+    (other / 'keep.txt').write_text('important')
+    with pytest.raises(FileExistsError, match='not made by the demo'):
+        start(other)
+    assert (other / 'keep.txt').read_text() == 'important'

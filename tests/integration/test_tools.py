@@ -1,0 +1,186 @@
+"""The command-line tools as users run them, in subprocesses: count_flops, prepare_data (also killed
+mid-run), make_test_sets with worker processes, and test_patches against BasicSR's own test pipeline."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from cdnsr_plugin.data.difficulty_dataset import DifficultyPairedDataset
+
+from helpers import REPO, TESTER_NETWORK, TIER_CROPS, TIERS, WIDTHS, matlab_bicubic, read_png
+
+pytestmark = pytest.mark.slow
+
+
+def test_count_flops_json_cli():
+    out = subprocess.run([
+        sys.executable,
+        str(REPO / 'tools' / 'count_flops.py'), '-opt',
+        str(REPO / 'options' / 'networks' / 'CDNSR_FSRCNN_x4.yml'), '--json'
+    ],
+                         capture_output=True,
+                         text=True,
+                         check=True,
+                         cwd=REPO).stdout
+    data = json.loads(out)
+    assert [b['name'] for b in data['branches']] == ['FSRCNN(d=16)', 'FSRCNN(d=36)', 'FSRCNN(d=56)']
+    assert data['branches'][2]['percent_of_largest'] == {'paper': 100.0, 'macs': 100.0}
+    assert data['branches'][0]['paper_flops'] == pytest.approx(141e6, rel=0.01)
+    assert 25 < data['branches'][0]['percent_of_largest']['paper'] < 35
+    assert set(data['branches'][0]) >= {'name', 'macs', 'paper_flops', 'percent_of_largest'}
+
+
+def test_count_flops_cli_names_missing_file(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'count_flops.py'), '-opt',
+         str(tmp_path / 'nope.yml')],
+        capture_output=True,
+        text=True)
+    assert result.returncode != 0 and 'nope.yml' in result.stderr and 'does not exist' in result.stderr
+
+
+def test_killed_run_leaves_nothing_the_dataset_accepts(tmp_path, photos):
+    folder = tmp_path / 'big'
+    folder.mkdir()
+    for i, photo in enumerate(photos):
+        cv2.imwrite(str(folder / f'{i}.png'), photo)
+    out = tmp_path / 'set'
+    incomplete = tmp_path / 'set.incomplete'
+    command = [
+        sys.executable,
+        str(REPO / 'tools' / 'prepare_data.py'), '--input',
+        str(folder), '--output',
+        str(out), '--reference', 'bicubic', '--workers', '0', '--compress-level', '9'
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (incomplete / 'gt.lmdb').exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    assert incomplete.is_dir() and not out.exists()
+    for root in (out, incomplete):
+        with pytest.raises(FileNotFoundError, match='not a complete prepared set'):
+            DifficultyPairedDataset({
+                'name': 'p',
+                'dataroot_gt': str(root / 'gt.lmdb'),
+                'dataroot_lq': str(root / 'lq.lmdb'),
+                'io_backend': {
+                    'type': 'lmdb'
+                },
+                'phase': 'train',
+                'scale': 4
+            })
+
+
+def test_cli_with_worker_processes(tmp_path, hr_folder):
+    out = tmp_path / 'cli_set'
+    result = subprocess.run([
+        sys.executable,
+        str(REPO / 'tools' / 'prepare_data.py'), '--input',
+        str(hr_folder), '--output',
+        str(out), '--reference', 'bicubic', '--classes', '2', '--workers', '2'
+    ],
+                            capture_output=True,
+                            text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['num_classes'] == 2 and f"{summary['num_pairs']} sub-image pairs" in result.stdout
+    missing = subprocess.run([
+        sys.executable,
+        str(REPO / 'tools' / 'prepare_data.py'), '--input',
+        str(hr_folder), '--output',
+        str(tmp_path / 'x')
+    ],
+                             capture_output=True,
+                             text=True,
+                             timeout=300)
+    assert missing.returncode == 2 and 'choose exactly one reference' in missing.stderr
+
+
+def test_cli_split_all_in_worker_processes(hr_dir, tmp_path):
+    """The CLI as a program: --split all puts every image in every tier; --workers 2 uses processes."""
+    out = tmp_path / 'all'
+    run = subprocess.run([
+        sys.executable,
+        str(REPO / 'tools' / 'make_test_sets.py'), '--input',
+        str(hr_dir), '--output',
+        str(out), '--tiers', TIERS, '--split', 'all', '--scale', '2', '--workers', '2'
+    ],
+                         capture_output=True,
+                         text=True,
+                         cwd=REPO,
+                         env={
+                             **os.environ, 'PYTHONPATH': str(REPO)
+                         })
+    assert run.returncode == 0, run.stderr
+    assert all(f'Test{tier}: {len(TIER_CROPS)} images' in run.stdout for tier in WIDTHS)
+    summary = json.loads((out / 'summary.json').read_text())
+    every = sorted(p.name for p in hr_dir.iterdir())
+    for tier, width in WIDTHS.items():
+        assert [e['name'] for e in summary['tiers'][tier]['images']] == every
+        folder = out / f'Test{tier}'
+        assert sorted(p.name for p in (folder / 'HR').iterdir()) == every
+        for entry in summary['tiers'][tier]['images']:
+            src_w = read_png(hr_dir / entry['source']).shape[1]
+            hr, lr = read_png(folder / 'HR' / entry['name']), read_png(folder / 'LR_bicubic' / 'X2' / entry['name'])
+            assert hr.shape[1] == (width if 0 < width < src_w else src_w) // 2 * 2 and hr.shape[0] % 2 == 0
+            np.testing.assert_array_equal(lr, matlab_bicubic(hr, 1 / 2))
+    assert not out.with_name('all.incomplete').exists()
+
+
+def test_option_file_mode_and_basicsr_test_pipeline_share_the_file(setup, tmp_path):
+    root, _ = setup
+    for kind in ('lr', 'hr'):  # BasicSR's SSIM needs images of at least 11 pixels after the crop
+        (tmp_path / kind).mkdir()
+        for name in ('a_97x250', 'd_200x260'):
+            shutil.copy(root / kind / f'{name}.png', tmp_path / kind)
+    opt = yaml.safe_load((REPO / 'options' / 'test' / 'test_CDNSR_FSRCNN.yml').read_text())
+    opt['network_g'] = TESTER_NETWORK
+    opt['num_gpu'] = 0
+    opt['datasets'] = {
+        'test_1': {
+            'name': 'mini',
+            'type': 'PairedImageDataset',
+            'dataroot_gt': str(tmp_path / 'hr'),
+            'dataroot_lq': str(tmp_path / 'lr'),
+            'io_backend': {
+                'type': 'disk'
+            }
+        }
+    }
+    opt['path'] = {'pretrain_network_g': str(root / 'net.pth'), 'param_key_g': 'params', 'strict_load_g': True}
+    opt_file = tmp_path / 'test.yml'
+    opt_file.write_text(yaml.safe_dump(opt))
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'test_patches.py'), '-opt',
+         str(opt_file)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / 'results' / opt['name'] / 'report.json').read_text())
+    ours = {r['image']: r['psnr_y'] for r in report['settings'][0]['images']}
+    result = subprocess.run([sys.executable, '-m', 'cdnsr_plugin.test', '-opt',
+                             str(opt_file)],
+                            cwd=tmp_path,
+                            capture_output=True,
+                            text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = next((tmp_path / 'results' / opt['name']).glob('test_*.log')).read_text()
+    # BasicSR's validation (Y PSNR, crop 4) of the same routed model and images gives the same mean
+    logged = float(log.split('# psnr:')[1].split()[0])
+    assert logged == pytest.approx(np.mean(list(ours.values())), abs=1e-3)
