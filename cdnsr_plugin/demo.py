@@ -170,16 +170,12 @@ def run(work: Path, schedule: Schedule) -> dict[str, Path]:
         raise RuntimeError(f'test_patches.py exited with status {code}; see above')
     saved = next(s for s in json.loads((out / 'report.json').read_text())['settings'] if s['name'] == SAVED)
     files = {
-        'SR image': Path(saved['images'][0]['sr_path']),
-        'class map': Path(saved['images'][0]['overlay_path']),
-        'report': out / 'report.json',
-        'PSNR-FLOPs plot': out / 'psnr_flops.png',
-        'checkpoint': checkpoint,
-        'training options': options,
-        'difficulty montage': work / 'demo_x4' / 'montage.png'
+        'SR image': Path(saved['images'][0]['sr_path']), 'class map': Path(saved['images'][0]['overlay_path']),
+        'report': out / 'report.json', 'PSNR-FLOPs plot': out / 'psnr_flops.png', 'checkpoint': checkpoint,
+        'training options': options, 'difficulty montage': work / 'demo_x4' / 'montage.png'
     }
-    print('\n=== done in ' + ', '.join(f'{k} {v:.0f}s'
-                                       for k, v in timings.items()) + f' (total {sum(timings.values()):.0f}s) ===')
+    steps = ', '.join(f'{name} {seconds:.0f}s' for name, seconds in timings.items())
+    print(f'\n=== done in {steps} (total {sum(timings.values()):.0f}s) ===')
     for label, path in files.items():
         print(f'{label:>20}: {path}')
     return files

@@ -19,87 +19,26 @@ from cdnsr_plugin.utils.options import load_options, set_data, set_logging, set_
 
 REPO = Path(__file__).resolve().parents[1]
 # a four-stage CDNSRModel schedule of 2 iterations per stage, with every kind of loss
+# yapf: disable
 FOUR_STAGES = {
-    'optim_g': {
-        'type': 'Adam',
-        'lr': 1e-3
-    },
-    'total_iter':
-    8,
-    'scheduler': {
-        'type': 'CosineAnnealingRestartLR',
-        'eta_min': 1e-7
-    },
-    'losses': {
-        'pixel': {
-            'type': 'L1Loss'
-        },
-        'flops': {
-            'type': 'FLOPsRegLoss',
-            'alpha': 0.5
-        },
-        'kd': {
-            'type': 'PixelKDLoss'
-        },
-        'class': {
-            'type': 'ClassLoss'
-        },
-        'average': {
-            'type': 'AverageLoss'
-        }
-    },
-    'stages': [{
-        'name': 'pretrain',
-        'iters': 2,
-        'losses': {
-            'pixel': 1
-        }
-    }, {
-        'name': 'classifier',
-        'iters': 2,
-        'routing': 'gumbel',
-        'losses': {
-            'pixel': 1,
-            'flops': 1
-        }
-    }, {
-        'name': 'distill',
-        'iters': 2,
-        'losses': {
-            'pixel': 1,
-            'kd': 1
-        }
-    }, {
-        'name': 'finetune',
-        'iters': 2,
-        'losses': {
-            'pixel': 2000,
-            'class': 1,
-            'average': 6
-        }
-    }],
+    'optim_g': {'type': 'Adam', 'lr': 1e-3}, 'total_iter': 8,
+    'scheduler': {'type': 'CosineAnnealingRestartLR', 'eta_min': 1e-7},
+    'losses': {'pixel': {'type': 'L1Loss'}, 'flops': {'type': 'FLOPsRegLoss', 'alpha': 0.5},
+               'kd': {'type': 'PixelKDLoss'}, 'class': {'type': 'ClassLoss'}, 'average': {'type': 'AverageLoss'}},
+    'stages': [{'name': 'pretrain', 'iters': 2, 'losses': {'pixel': 1}},
+               {'name': 'classifier', 'iters': 2, 'routing': 'gumbel', 'losses': {'pixel': 1, 'flops': 1}},
+               {'name': 'distill', 'iters': 2, 'losses': {'pixel': 1, 'kd': 1}},
+               {'name': 'finetune', 'iters': 2, 'losses': {'pixel': 2000, 'class': 1, 'average': 6}}],
 }
+# yapf: enable
 # the tester's test network and LR sizes: odd, one tile, a single pixel, several rows of tiles, too small for
 # SSIM after the crop
 TESTER_NETWORK = {
-    'type': 'CDNSRNet',
-    'scale': 4,
-    'classifier': {
-        'type': 'PatchClassifier',
-        'num_classes': 3
-    },
-    'branches': [{
-        'type': 'FSRCNN',
-        'd': d,
-        'upscale': 4
-    } for d in (16, 36, 56)]
+    'type': 'CDNSRNet', 'scale': 4, 'classifier': {'type': 'PatchClassifier', 'num_classes': 3},
+    'branches': [{'type': 'FSRCNN', 'd': d, 'upscale': 4} for d in (16, 36, 56)]
 }
 TESTER_LR_SIZES = {
-    'a_97x250': (97, 250),
-    'b_33x31': (33, 31),
-    'c_1x1': (1, 1),
-    'd_200x260': (200, 260),
-    'e_4x4': (4, 4)
+    'a_97x250': (97, 250), 'b_33x31': (33, 31), 'c_1x1': (1, 1), 'd_200x260': (200, 260), 'e_4x4': (4, 4)
 }
 # tools/make_test_sets.py: tiers and (height, width) crops: 7 images -> sequential groups of 3, 2, 2. Image 4
 # is narrower than 240 (kept as is); images 5 and 6 (8K tier, original size) are not multiples of 4
@@ -127,11 +66,7 @@ def make_net(scale: int = 4, branches: list | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
     branches = branches or [{'type': 'FSRCNN', 'd': d, 'upscale': scale} for d in (16, 36, 56)]
     return build_network({
-        'type': 'CDNSRNet',
-        'classifier': {
-            'type': 'PatchClassifier',
-            'num_classes': len(branches)
-        },
+        'type': 'CDNSRNet', 'classifier': {'type': 'PatchClassifier', 'num_classes': len(branches)},
         'branches': branches
     }).eval()
 

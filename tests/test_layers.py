@@ -63,10 +63,8 @@ def imported_modules(path: Path, root: Path, package: str) -> list[str]:
                 inside = candidate.split('.', 1)[1] if '.' in candidate else ''
                 found.append(candidate if source.startswith(package) and is_module(root, inside) else source)
     prefix = package + '.'
-    return sorted({name[len(prefix):]
-                   for name in found if name.startswith(prefix)}
-                  | {'__init__'
-                     for name in found if name == package})
+    inside = {name[len(prefix):] for name in found if name.startswith(prefix)}
+    return sorted(inside | ({'__init__'} if package in found else set()))
 
 
 def upward_imports(root: Path, floors: list[list[str]]) -> list[str]:

@@ -112,8 +112,7 @@ def bench_image(engine: RoutedEngine, table, lr: torch.Tensor, args) -> dict:
         engine.render(lr, labels, grid)
 
     row = {
-        'lr_size': list(lr.shape[-2:]),
-        'patches': len(grid),
+        'lr_size': list(lr.shape[-2:]), 'patches': len(grid),
         'counts': torch.bincount(labels, minlength=engine.num_classes).tolist()
     }
     routed()  # warm-up (allocator, one-time kernels)
@@ -157,8 +156,8 @@ def print_table(rows: dict, args, table) -> None:
         line += f"{r['loop_s']:>9.2f}{r['loop_s'] / r['routed_s']:>8.1f}" if 'loop_s' in r else f"{'-':>9}{'-':>8}"
         print(line + f"{r['routed_peak_mb']:>9.0f}")
         if 'max_batch_sweep' in r:
-            print('   render time by max_batch: ' + ', '.join(f'{k}: {v:.3f}s'
-                                                              for k, v in r['max_batch_sweep'].items()))
+            sweep = ', '.join(f'{size}: {seconds:.3f}s' for size, seconds in r['max_batch_sweep'].items())
+            print(f'   render time by max_batch: {sweep}')
     print('t ratio = routed / backbone patch-wise time; F ratio = the same for FLOPs (paper convention, classifier '
           'included); eff. = t ratio / F ratio; t/full, F/full: against the backbone on the whole image; '
           f'MACs ratios are in --json. Classes per image: {[r["counts"] for r in rows.values()]}')

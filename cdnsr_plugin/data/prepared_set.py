@@ -79,16 +79,8 @@ def write_summary(root: Path, summary: dict) -> dict:
     """Write ``summary.json`` with the format fields (``complete``, ``format_version``, the file names) set by
     this module whatever ``summary`` holds, and return it; write it last, as it marks the set complete."""
     owned = ('complete', 'format_version', 'lq', 'gt', 'labels')
-    full = {
-        'complete': True,
-        'format_version': FORMAT_VERSION,
-        **{
-            key: value
-            for key, value in summary.items() if key not in owned
-        }, 'lq': LQ_LMDB,
-        'gt': GT_LMDB,
-        'labels': LABELS
-    }
+    kept = {key: value for key, value in summary.items() if key not in owned}
+    full = {'complete': True, 'format_version': FORMAT_VERSION, **kept, 'lq': LQ_LMDB, 'gt': GT_LMDB, 'labels': LABELS}
     write_json(root / SUMMARY, full)
     return full
 

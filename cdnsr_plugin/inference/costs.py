@@ -160,14 +160,10 @@ class CostTable:
             row['percent_of_largest'] = {c: round(self.percent_of_largest(i, c), 2) for c in CONVENTIONS}
             branches.append(row)
         return {
-            'patch': self.patch,
-            'scale': self.scale,
-            'conventions': {
+            'patch': self.patch, 'scale': self.scale, 'conventions': {
                 'paper': '2 x weight MACs of conv/linear layers, transposed convs on the output grid (ClassSR)',
                 'macs': 'ptflops MACs incl. bias and activations, transposed convs on the input grid (hardware)'
-            },
-            'classifier': asdict(self.classifier) if self.classifier else None,
-            'branches': branches
+            }, 'classifier': asdict(self.classifier) if self.classifier else None, 'branches': branches
         }
 
 

@@ -141,12 +141,8 @@ class LaplacianRouter:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description; :meth:`from_dict` reads it back."""
         return {
-            'type': type(self).__name__,
-            'format_version': FORMAT_VERSION,
-            'thresholds': list(self.thresholds),
-            'num_classes': self.num_classes,
-            'agreement': self.agreement,
-            'fitted_on': self.fitted_on
+            'type': type(self).__name__, 'format_version': FORMAT_VERSION, 'thresholds': list(self.thresholds),
+            'num_classes': self.num_classes, 'agreement': self.agreement, 'fitted_on': self.fitted_on
         }
 
     @classmethod

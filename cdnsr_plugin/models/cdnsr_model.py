@@ -235,13 +235,8 @@ class CDNSRModel(SRModel):
         probs = probs.detach()
         shares = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).double() / probs.shape[0]
         expected = (probs.double() @ self.branch_costs).mean() / self.branch_costs.max()
-        log = {
-            'stage': float(stage.index + 1),
-            **{
-                f'cls{j}': float(v)
-                for j, v in enumerate(shares)
-            }, 'flops_pct': 100.0 * float(expected)
-        }
+        log = {f'cls{j}': float(v) for j, v in enumerate(shares)}
+        log.update(stage=float(stage.index + 1), flops_pct=100.0 * float(expected))
         if tau is not None:
             log['tau'] = tau
         return log

@@ -34,9 +34,7 @@ from typing import Any, Optional
 STAGE_NAMES = ('pretrain', 'classifier', 'distill', 'finetune')
 PARTS = ('classifier', 'branches')
 DEFAULT_TRAIN = {
-    'pretrain': ('branches', ),
-    'classifier': ('classifier', ),
-    'distill': ('branches', ),
+    'pretrain': ('branches', ), 'classifier': ('classifier', ), 'distill': ('branches', ),
     'finetune': ('classifier', 'branches')
 }
 DEFAULT_ROUTING = {'pretrain': 'labels', 'classifier': 'soft', 'distill': 'hard', 'finetune': 'soft'}
@@ -114,11 +112,9 @@ def parse_stages(train_opt: dict, loss_names: set[str]) -> tuple[list[Stage], li
         name = raw['name']
         routing = raw.get('routing', DEFAULT_ROUTING[name])
         tau = tuple(float(t) for t in raw['tau']) if raw.get('tau') else ((1.0, 0.4) if routing == 'gumbel' else None)
-        stages.append(
-            Stage(i, name, start, raw['iters'], tuple(raw.get('train', DEFAULT_TRAIN[name])), routing, {
-                k: float(v)
-                for k, v in raw['losses'].items()
-            }, tau))
+        losses = {key: float(weight) for key, weight in raw['losses'].items()}
+        train = tuple(raw.get('train', DEFAULT_TRAIN[name]))
+        stages.append(Stage(i, name, start, raw['iters'], train, routing, losses, tau))
         start += raw['iters']
     total = train_opt.get('total_iter')
     if total is not None and int(total) != start - 1:

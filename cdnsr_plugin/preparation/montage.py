@@ -10,9 +10,7 @@ from cdnsr_plugin.utils.io import write_image
 from cdnsr_plugin.utils.viz import caption_tile, montage
 
 NAMES = {
-    2: ('simple', 'hard'),
-    3: ('simple', 'medium', 'hard'),
-    4: ('simple', 'medium', 'harder', 'hard'),
+    2: ('simple', 'hard'), 3: ('simple', 'medium', 'hard'), 4: ('simple', 'medium', 'harder', 'hard'),
     5: ('simplest', 'simple', 'medium', 'harder', 'hard')
 }
 

@@ -73,8 +73,8 @@ class PrepareOptions:
             (self.patch >= 4, f'--patch must be at least 4, got {self.patch}'),
             (1 <= self.stride <= self.patch, f'--stride must be in 1..patch ({self.patch}), got {self.stride}'),
             (2 <= self.num_classes <= 5, f'--classes must be 2 to 5, got {self.num_classes}'),
-            (all(0 < s <= 1
-                 for s in self.multiscale), f'--multiscale factors must be in (0, 1], got {self.multiscale}'),
+            (min(self.multiscale) > 0
+             and max(self.multiscale) <= 1, f'--multiscale factors must be in (0, 1], got {self.multiscale}'),
             (0 <= self.compress_level <= 9, f'--compress-level must be 0..9, got {self.compress_level}'),
             (self.workers >= 0, f'--workers must be >= 0, got {self.workers}'),
         ]
@@ -184,8 +184,7 @@ def class_statistics(psnr: np.ndarray, labels: np.ndarray, num_classes: int) -> 
     for label in range(num_classes):
         values = psnr[labels == label]
         stats.append({
-            'class': label,
-            'count': int(values.size),
+            'class': label, 'count': int(values.size),
             'psnr_min': round(float(values.min()), 4) if values.size else None,
             'psnr_max': round(float(values.max()), 4) if values.size else None,
             'psnr_mean': round(float(values.mean()), 4) if values.size else None
@@ -322,10 +321,8 @@ def build_reference(scale: int,
         raise ValueError('choose exactly one reference: --reference-opt, --reference-arch (with '
                          '--reference-checkpoint) or --reference bicubic. ' + REFERENCE_HELP)
     if bicubic:
-        return Reference(None, {
-            'kind': 'bicubic',
-            'detail': 'torch bicubic upsampling (a=-0.75), no network'
-        }, scale, device)
+        return Reference(None, {'kind': 'bicubic', 'detail': 'torch bicubic upsampling (a=-0.75), no network'}, scale,
+                         device)
     if reference_opt:
         from cdnsr_plugin.compat import load_yaml
         opt = load_yaml(reference_opt)
@@ -340,8 +337,5 @@ def build_reference(scale: int,
     from cdnsr_plugin.utils.checkpoint import load_weights
     net = build_network(arch)
     load_weights(net, checkpoint)
-    return Reference(net, {
-        'kind': 'network',
-        'arch': arch,
-        'checkpoint': str(Path(checkpoint).resolve())
-    }, scale, device)
+    return Reference(net, {'kind': 'network', 'arch': arch, 'checkpoint': str(Path(checkpoint).resolve())}, scale,
+                     device)

@@ -150,11 +150,8 @@ def process_image(job: Job) -> ImageResult:
         write_image(job.root / tier.folder / 'HR' / name, hr)
         write_image(job.root / tier.folder / lr_folder(job.scale) / name, lr)
         result.entries[tier.name] = {
-            'name': name,
-            'source': job.path.name,
-            'hr_size': [hr.shape[1], hr.shape[0]],
-            'lr_size': [lr.shape[1], lr.shape[0]],
-            'notes': read_notes + notes
+            'name': name, 'source': job.path.name, 'hr_size': [hr.shape[1], hr.shape[0]],
+            'lr_size': [lr.shape[1], lr.shape[0]], 'notes': read_notes + notes
         }
     return result
 
@@ -251,31 +248,20 @@ def make_summary(input_dir: Path, output: Path, tiers: list[Tier], scale: int, s
     per_tier = {tier.name: [r.entries[tier.name] for r in results if tier.name in r.entries] for tier in tiers}
     return {
         'options': {
-            'input': str(input_dir),
-            'output': str(output),
-            'scale': scale,
-            'split': split,
+            'input': str(input_dir), 'output': str(output), 'scale': scale, 'split': split,
             'tiers': [asdict(tier) for tier in tiers]
         },
         'tiers': {
             tier.name: {
-                'folder': tier.folder,
-                'width': tier.width,
-                'hr': f'{tier.folder}/HR',
-                'lr': f'{tier.folder}/{lr_folder(scale)}',
-                'images': per_tier[tier.name]
+                'folder': tier.folder, 'width': tier.width, 'hr': f'{tier.folder}/HR',
+                'lr': f'{tier.folder}/{lr_folder(scale)}', 'images': per_tier[tier.name]
             }
             for tier in tiers
         },
         'skipped': skipped.as_dict(),
         'counts': {
-            'images': len(results),
-            'written': sum(len(images) for images in per_tier.values()),
-            'per_tier': {
-                name: len(images)
-                for name, images in per_tier.items()
-            },
-            'skipped': len(skipped.items),
+            'images': len(results), 'written': sum(len(images) for images in per_tier.values()),
+            'per_tier': dict(zip(per_tier, map(len, per_tier.values()))), 'skipped': len(skipped.items),
             'with_notes': sum(any(e['notes'] for e in r.entries.values()) for r in results)
         },
     }

@@ -267,19 +267,12 @@ def _from_option_file(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = args.checkpoint or (Path(path_opt['pretrain_network_g']).expanduser()
                                      if path_opt.get('pretrain_network_g') else None)
     return {
-        'datasets': _dataset_specs(opt, args.opt),
-        'network': network,
-        'checkpoint': checkpoint,
-        'name': args.name or opt.get('name') or Path(args.opt).stem,
-        'scale': opt.get('scale'),
-        'val': opt.get('val') or {},
-        'param_key': path_opt.get('param_key_g'),
-        'strict': path_opt.get('strict_load_g', True),
-        'parts': {
+        'datasets': _dataset_specs(opt, args.opt), 'network': network, 'checkpoint': checkpoint, 'name': args.name
+        or opt.get('name') or Path(args.opt).stem, 'scale': opt.get('scale'), 'val': opt.get('val') or {},
+        'param_key': path_opt.get('param_key_g'), 'strict': path_opt.get('strict_load_g', True), 'parts': {
             k: Path(v).expanduser()
             for k, v in path_opt.items() if k.startswith('pretrain_network_') and k != 'pretrain_network_g' and v
-        },
-        'device': args.device or ('cpu' if opt.get('num_gpu') == 0 else 'auto')
+        }, 'device': args.device or ('cpu' if opt.get('num_gpu') == 0 else 'auto')
     }
 
 
@@ -296,16 +289,9 @@ def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
         _check_folder(args.gt, '--gt')
     dataset = DatasetSpec(args.input.resolve().name or 'input', args.input, args.gt)
     return {
-        'datasets': [dataset],
-        'network': network_options(args.network or find_experiment_options(args.checkpoint)),
-        'checkpoint': args.checkpoint,
-        'name': args.name or dataset.name,
-        'scale': args.scale,
-        'val': {},
-        'param_key': None,
-        'strict': True,
-        'parts': {},
-        'device': args.device or 'auto'
+        'datasets': [dataset], 'network': network_options(args.network or find_experiment_options(args.checkpoint)),
+        'checkpoint': args.checkpoint, 'name': args.name or dataset.name, 'scale': args.scale, 'val': {},
+        'param_key': None, 'strict': True, 'parts': {}, 'device': args.device or 'auto'
     }
 
 

@@ -84,9 +84,7 @@ class SettingResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            'name': self.name,
-            'kind': self.kind,
-            'images': [asdict(r) for r in self.images],
+            'name': self.name, 'kind': self.kind, 'images': [asdict(r) for r in self.images],
             'sets': [asdict(r) for r in self.sets]
         }
 
@@ -139,15 +137,9 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """The ``report.json`` layout."""
         return {
-            'created': self.created,
-            'command': self.command,
-            'device': self.device,
-            'torch': self.torch,
-            'threads': self.threads,
-            'network': self.network,
-            'settings': [s.to_dict() for s in self.settings],
-            'comparison': [asdict(c) for c in self.comparison],
-            'failures': [asdict(f) for f in self.failures],
+            'created': self.created, 'command': self.command, 'device': self.device, 'torch': self.torch,
+            'threads': self.threads, 'network': self.network, 'settings': [s.to_dict() for s in self.settings],
+            'comparison': [asdict(c) for c in self.comparison], 'failures': [asdict(f) for f in self.failures],
             'notes': self.notes
         }
 

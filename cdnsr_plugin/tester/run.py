@@ -200,13 +200,10 @@ class Runner:
         patch = cfg.engine.patch
         self.table = cost_table(net, patch=patch)
         self.router = load_router(cfg, net.num_classes)
-        self.router_cost = ({
-            'macs': LAPLACIAN_MACS_PER_PIXEL * patch * patch,
-            'paper': 2 * LAPLACIAN_MACS_PER_PIXEL * patch * patch
-        } if self.router else None)
-        self.full_coefficients = (
-            full_image_coefficients(net.branches[-1], patch) if any(s.kind == 'backbone-full'
-                                                                    for s in cfg.settings) else None)
+        macs = LAPLACIAN_MACS_PER_PIXEL * patch * patch
+        self.router_cost = {'macs': macs, 'paper': 2 * macs} if self.router else None
+        full_image = any(s.kind == 'backbone-full' for s in cfg.settings)
+        self.full_coefficients = full_image_coefficients(net.branches[-1], patch) if full_image else None
         self.engine = RoutedEngine(net, cfg.engine, self.device)
         self.results = [SettingResult(s.name, s.kind) for s in cfg.settings]
         self.failures: list[Failure] = []
@@ -323,19 +320,10 @@ class Runner:
     def network_info(self) -> dict[str, Any]:
         cfg = self.cfg
         return {
-            'network_g': json.loads(json.dumps(cfg.network, default=str)),
-            'costs': self.table.to_dict(),
+            'network_g': json.loads(json.dumps(cfg.network, default=str)), 'costs': self.table.to_dict(),
             'checkpoint': str(cfg.checkpoint) if cfg.checkpoint else None,
-            'parts': {
-                k: str(v)
-                for k, v in cfg.parts.items()
-            },
-            'router': cfg.router,
-            'router_thresholds': list(self.router.thresholds) if self.router else None,
-            'patch': cfg.engine.patch,
-            'stride': cfg.engine.stride,
-            'max_batch': self.engine.max_batch,
-            'channels_last': cfg.engine.channels_last,
-            'precision': cfg.engine.precision,
-            'budget_convention': cfg.convention
+            'parts': dict(zip(cfg.parts, map(str, cfg.parts.values()))), 'router': cfg.router,
+            'router_thresholds': list(self.router.thresholds) if self.router else None, 'patch': cfg.engine.patch,
+            'stride': cfg.engine.stride, 'max_batch': self.engine.max_batch, 'channels_last': cfg.engine.channels_last,
+            'precision': cfg.engine.precision, 'budget_convention': cfg.convention
         }

@@ -70,9 +70,7 @@ def set_logging(opt: dict[str, Any],
     """``logger.print_freq``, ``logger.save_checkpoint_freq``, ``val.val_freq``, ``logger.use_tb_logger``;
     ``None`` leaves an entry as it is."""
     logger = opt.setdefault('logger', {})
-    for key, value in (('print_freq', print_freq), ('save_checkpoint_freq', checkpoint_freq), ('use_tb_logger',
-                                                                                               tensorboard)):
-        if value is not None:
-            logger[key] = value
+    values = {'print_freq': print_freq, 'save_checkpoint_freq': checkpoint_freq, 'use_tb_logger': tensorboard}
+    logger.update({key: value for key, value in values.items() if value is not None})
     if val_freq is not None and opt.get('val') is not None:
         opt['val']['val_freq'] = val_freq

@@ -18,13 +18,8 @@ def prepared(training_data) -> tuple[Path, dict]:
 def test_basicsr_paired_dataset_loads_every_key(prepared):
     out, summary = prepared
     dataset = PairedImageDataset({
-        'dataroot_gt': str(out / 'gt.lmdb'),
-        'dataroot_lq': str(out / 'lq.lmdb'),
-        'io_backend': {
-            'type': 'lmdb'
-        },
-        'phase': 'val',
-        'scale': 4
+        'dataroot_gt': str(out / 'gt.lmdb'), 'dataroot_lq': str(out / 'lq.lmdb'), 'io_backend': {'type': 'lmdb'},
+        'phase': 'val', 'scale': 4
     })
     assert len(dataset) == summary['num_pairs']
     for index in range(len(dataset)):
@@ -35,17 +30,8 @@ def test_basicsr_paired_dataset_loads_every_key(prepared):
 def test_plugin_dataset_loads_labels_and_restricts_classes(prepared):
     out, summary = prepared
     opt = {
-        'name': 'p',
-        'dataroot_gt': str(out / 'gt.lmdb'),
-        'dataroot_lq': str(out / 'lq.lmdb'),
-        'io_backend': {
-            'type': 'lmdb'
-        },
-        'phase': 'train',
-        'scale': 4,
-        'gt_size': 128,
-        'use_hflip': True,
-        'use_rot': True
+        'name': 'p', 'dataroot_gt': str(out / 'gt.lmdb'), 'dataroot_lq': str(out / 'lq.lmdb'),
+        'io_backend': {'type': 'lmdb'}, 'phase': 'train', 'scale': 4, 'gt_size': 128, 'use_hflip': True, 'use_rot': True
     }
     labels = read_labels(out / 'labels.txt')
     everything = DifficultyPairedDataset(dict(opt, io_backend={'type': 'lmdb'}))

@@ -154,26 +154,11 @@ def test_patchwise_differs_from_full_image_only_near_seams(identical_branches, l
 
 
 @pytest.mark.parametrize('arch', [
+    {'type': 'FSRCNN', 'd': 56, 'upscale': 4},
+    {'type': 'MSRResNet', 'num_feat': 16, 'num_block': 2, 'upscale': 4},
     {
-        'type': 'FSRCNN',
-        'd': 56,
-        'upscale': 4
-    },
-    {
-        'type': 'MSRResNet',
-        'num_feat': 16,
-        'num_block': 2,
-        'upscale': 4
-    },
-    {
-        'type': 'RCAN',
-        'num_in_ch': 3,
-        'num_out_ch': 3,
-        'num_feat': 16,
-        'num_group': 1,
-        'num_block': 2,
-        'squeeze_factor': 4,
-        'upscale': 4
+        'type': 'RCAN', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 16, 'num_group': 1, 'num_block': 2,
+        'squeeze_factor': 4, 'upscale': 4
     },
 ])
 def test_full_image_cost_matches_counting_the_whole_image(arch):

@@ -20,10 +20,7 @@ def run_python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, '-c', code, *args],
                           capture_output=True,
                           text=True,
-                          env={
-                              **os.environ,
-                              **env
-                          },
+                          env={**os.environ, **env},
                           cwd='/')
 
 
@@ -38,9 +35,7 @@ def test_plain_basicsr_has_none_of_the_plugin_names():
     result = subprocess.run([sys.executable, '-c', code, *names],
                             capture_output=True,
                             text=True,
-                            env={
-                                **os.environ, 'CDNSR_PLUGIN_AUTOLOAD': '0'
-                            },
+                            env={**os.environ, 'CDNSR_PLUGIN_AUTOLOAD': '0'},
                             cwd='/')
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ['[]', 'False']

@@ -72,14 +72,8 @@ def test_killed_run_leaves_nothing_the_dataset_accepts(tmp_path, photos):
     for root in (out, incomplete):
         with pytest.raises(FileNotFoundError, match='not a complete prepared set'):
             DifficultyPairedDataset({
-                'name': 'p',
-                'dataroot_gt': str(root / 'gt.lmdb'),
-                'dataroot_lq': str(root / 'lq.lmdb'),
-                'io_backend': {
-                    'type': 'lmdb'
-                },
-                'phase': 'train',
-                'scale': 4
+                'name': 'p', 'dataroot_gt': str(root / 'gt.lmdb'), 'dataroot_lq': str(root / 'lq.lmdb'),
+                'io_backend': {'type': 'lmdb'}, 'phase': 'train', 'scale': 4
             })
 
 
@@ -121,9 +115,7 @@ def test_cli_split_all_in_worker_processes(hr_dir, tmp_path):
                          capture_output=True,
                          text=True,
                          cwd=REPO,
-                         env={
-                             **os.environ, 'PYTHONPATH': str(REPO)
-                         })
+                         env={**os.environ, 'PYTHONPATH': str(REPO)})
     assert run.returncode == 0, run.stderr
     assert all(f'Test{tier}: {len(TIER_CROPS)} images' in run.stdout for tier in WIDTHS)
     summary = json.loads((out / 'summary.json').read_text())
@@ -151,13 +143,8 @@ def test_option_file_mode_and_basicsr_test_pipeline_share_the_file(setup, tmp_pa
     opt['num_gpu'] = 0
     opt['datasets'] = {
         'test_1': {
-            'name': 'mini',
-            'type': 'PairedImageDataset',
-            'dataroot_gt': str(tmp_path / 'hr'),
-            'dataroot_lq': str(tmp_path / 'lr'),
-            'io_backend': {
-                'type': 'disk'
-            }
+            'name': 'mini', 'type': 'PairedImageDataset', 'dataroot_gt': str(tmp_path / 'hr'),
+            'dataroot_lq': str(tmp_path / 'lr'), 'io_backend': {'type': 'disk'}
         }
     }
     opt['path'] = {'pretrain_network_g': str(root / 'net.pth'), 'param_key_g': 'params', 'strict_load_g': True}

@@ -82,8 +82,7 @@ def test_rcan_option_file_starts_training_through_stock_basicsr_train(tmp_path, 
     opt = load_options(REPO / 'options' / 'train_CDNSR_RCAN.yml')
     train_set, _ = training_data
     opt['datasets'] = {
-        'train':
-        dict(
+        'train': dict(
             opt['datasets']['train'],
             dataroot_gt=str(train_set / 'gt.lmdb'),
             dataroot_lq=str(train_set / 'lq.lmdb'),
@@ -139,27 +138,12 @@ def test_trained_checkpoint_runs_through_basicsr_test_pipeline_with_routing(tmp_
         'model_type': 'CDNSRModel',
         'scale': 4,
         'num_gpu': 0,
-        'datasets': {
-            'test_1': dict(opt['datasets']['val'], name='held_out')
-        },
+        'datasets': {'test_1': dict(opt['datasets']['val'], name='held_out')},
         'network_g': opt['network_g'],
-        'path': {
-            'pretrain_network_g': str(checkpoint),
-            'strict_load_g': True,
-            'param_key_g': 'params'
-        },
+        'path': {'pretrain_network_g': str(checkpoint), 'strict_load_g': True, 'param_key_g': 'params'},
         'val': {
-            'save_img': True,
-            'suffix': None,
-            'patch': 32,
-            'stride': 28,
-            'metrics': {
-                'psnr': {
-                    'type': 'calculate_psnr',
-                    'crop_border': 4,
-                    'test_y_channel': True
-                }
-            }
+            'save_img': True, 'suffix': None, 'patch': 32, 'stride': 28,
+            'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 4, 'test_y_channel': True}}
         },
     }
     run(['-m', 'cdnsr_plugin.test', '-opt', str(write_options(tmp_path / 'test.yml', test_opt))], cwd=tmp_path)
@@ -189,11 +173,8 @@ def test_validation_psnr_equals_the_testers_psnr(tmp_path, training_data, traine
         world_size=1,
         num_gpu=0,
         path={
-            'pretrain_network_g': str(checkpoint),
-            'strict_load_g': True,
-            'param_key_g': 'params',
-            'visualization': str(tmp_path / 'vis'),
-            'results_root': str(tmp_path)
+            'pretrain_network_g': str(checkpoint), 'strict_load_g': True, 'param_key_g': 'params',
+            'visualization': str(tmp_path / 'vis'), 'results_root': str(tmp_path)
         })
     model = build_model(model_opt)
     dataset = build_dataset(dict(opt['datasets']['val'], phase='val', scale=4))

@@ -11,14 +11,8 @@ from cdnsr_plugin.losses import AverageLoss, ClassLoss, FLOPsRegLoss
 from helpers import rand
 
 
-@pytest.mark.parametrize('opt, cls', [({
-    'type': 'ClassLoss'
-}, ClassLoss), ({
-    'type': 'AverageLoss'
-}, AverageLoss), ({
-    'type': 'FLOPsRegLoss',
-    'alpha': 0.6
-}, FLOPsRegLoss)])
+@pytest.mark.parametrize('opt, cls', [({'type': 'ClassLoss'}, ClassLoss), ({'type': 'AverageLoss'}, AverageLoss),
+                                      ({'type': 'FLOPsRegLoss', 'alpha': 0.6}, FLOPsRegLoss)])
 def test_build_from_options(opt, cls):
     loss = build_loss({**opt, 'loss_weight': 0.5})
     assert type(loss) is cls and loss.loss_weight == 0.5

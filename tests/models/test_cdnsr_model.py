@@ -12,16 +12,8 @@ from basicsr.models import build_model
 from helpers import FOUR_STAGES
 
 FSRCNN_NET = {
-    'type': 'CDNSRNet',
-    'classifier': {
-        'type': 'PatchClassifier',
-        'num_classes': 3
-    },
-    'branches': [{
-        'type': 'FSRCNN',
-        'd': d,
-        'upscale': 4
-    } for d in (16, 36, 56)]
+    'type': 'CDNSRNet', 'classifier': {'type': 'PatchClassifier', 'num_classes': 3},
+    'branches': [{'type': 'FSRCNN', 'd': d, 'upscale': 4} for d in (16, 36, 56)]
 }
 
 
@@ -40,54 +32,32 @@ def model_opt(tmp_path: Path, train_set: Path, train: dict, network: dict = FSRC
         'auto_resume': False,
         'network_g': copy.deepcopy(network),
         'path': {
-            'pretrain_network_g': None,
-            'strict_load_g': True,
-            'resume_state': None,
-            'models': str(experiment / 'models'),
-            'training_states': str(experiment / 'states'),
-            'experiments_root': str(experiment),
-            'log': str(experiment),
-            **(path or {})
+            'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None,
+            'models': str(experiment / 'models'), 'training_states': str(experiment / 'states'),
+            'experiments_root': str(experiment), 'log': str(experiment), **(path or {})
         },
         'datasets': {
             'train': {
-                'name': 't',
-                'type': 'DifficultyPairedDataset',
-                'phase': 'train',
-                'scale': 4,
-                'dataroot_gt': str(train_set / 'gt.lmdb'),
-                'dataroot_lq': str(train_set / 'lq.lmdb'),
-                'io_backend': {
-                    'type': 'lmdb'
-                },
-                'gt_size': 128
+                'name': 't', 'type': 'DifficultyPairedDataset', 'phase': 'train', 'scale': 4,
+                'dataroot_gt': str(train_set / 'gt.lmdb'), 'dataroot_lq': str(train_set / 'lq.lmdb'),
+                'io_backend': {'type': 'lmdb'}, 'gt_size': 128
             }
         },
         'train': copy.deepcopy(train),
-        'logger': {
-            'print_freq': 1,
-            'save_checkpoint_freq': 100
-        },
+        'logger': {'print_freq': 1, 'save_checkpoint_freq': 100},
     }
 
 
 def batch(train_set: Path, labels: list) -> dict:
     from cdnsr_plugin.data.difficulty_dataset import DifficultyPairedDataset
     dataset = DifficultyPairedDataset({
-        'name': 'b',
-        'phase': 'val',
-        'scale': 4,
-        'io_backend': {
-            'type': 'lmdb'
-        },
-        'dataroot_gt': str(train_set / 'gt.lmdb'),
-        'dataroot_lq': str(train_set / 'lq.lmdb')
+        'name': 'b', 'phase': 'val', 'scale': 4, 'io_backend': {'type': 'lmdb'},
+        'dataroot_gt': str(train_set / 'gt.lmdb'), 'dataroot_lq': str(train_set / 'lq.lmdb')
     })
     picks = [dataset.labels.index(label) + i for i, label in enumerate(labels)]
     items = [dataset[dataset.labels.index(label, pick)] for label, pick in zip(labels, picks)]
     return {
-        'lq': torch.stack([it['lq'] for it in items]),
-        'gt': torch.stack([it['gt'] for it in items]),
+        'lq': torch.stack([it['lq'] for it in items]), 'gt': torch.stack([it['gt'] for it in items]),
         'label': torch.tensor([it['label'] for it in items])
     }
 
@@ -129,35 +99,10 @@ def test_new_stage_starts_with_fresh_optimizer_moments(tmp_path, training_data):
     would otherwise keep stepping it (zero gradients still give lr * m / sqrt(v))."""
     train_set, _ = training_data
     train = {
-        'optim_g': {
-            'type': 'Adam',
-            'lr': 1e-2
-        },
-        'total_iter':
-        4,
-        'scheduler': {
-            'type': 'CosineAnnealingRestartLR',
-            'eta_min': 1e-7
-        },
-        'losses': {
-            'pixel': {
-                'type': 'L1Loss'
-            }
-        },
-        'stages': [{
-            'name': 'pretrain',
-            'iters': 2,
-            'losses': {
-                'pixel': 1
-            }
-        }, {
-            'name': 'finetune',
-            'iters': 2,
-            'routing': 'gumbel',
-            'losses': {
-                'pixel': 1
-            }
-        }]
+        'optim_g': {'type': 'Adam', 'lr': 1e-2}, 'total_iter': 4,
+        'scheduler': {'type': 'CosineAnnealingRestartLR', 'eta_min': 1e-7}, 'losses': {'pixel': {'type': 'L1Loss'}},
+        'stages': [{'name': 'pretrain', 'iters': 2, 'losses': {'pixel': 1}},
+                   {'name': 'finetune', 'iters': 2, 'routing': 'gumbel', 'losses': {'pixel': 1}}]
     }
     model = build_model(model_opt(tmp_path, train_set, train, dict(FSRCNN_NET, hard_gumbel=True)))
     net = model.bare_net

@@ -71,14 +71,8 @@ def test_scores_are_basicsr_psnr_of_the_reference(prepared, tiny_checkpoint):
     out, _ = prepared
     labels = read_labels(out / 'labels.txt')
     dataset = DifficultyPairedDataset({
-        'name': 'p',
-        'dataroot_gt': str(out / 'gt.lmdb'),
-        'dataroot_lq': str(out / 'lq.lmdb'),
-        'io_backend': {
-            'type': 'lmdb'
-        },
-        'phase': 'val',
-        'scale': 4
+        'name': 'p', 'dataroot_gt': str(out / 'gt.lmdb'), 'dataroot_lq': str(out / 'lq.lmdb'),
+        'io_backend': {'type': 'lmdb'}, 'phase': 'val', 'scale': 4
     })
     reference = build_reference(4, 'cpu', arch=dict(TINY_REFERENCE), checkpoint=str(tiny_checkpoint))
     for index in (0, len(dataset) // 2, len(dataset) - 1):

@@ -91,14 +91,8 @@ def test_tiers_follow_the_protocol(built, hr_dir):
 def test_output_loads_with_basicsr_paired_dataset(built):
     from basicsr.data.paired_image_dataset import PairedImageDataset
     dataset = PairedImageDataset({
-        'dataroot_gt': str(built / 'Test2K' / 'HR'),
-        'dataroot_lq': str(built / 'Test2K' / 'LR_bicubic' / 'X4'),
-        'io_backend': {
-            'type': 'disk'
-        },
-        'filename_tmpl': '{}',
-        'phase': 'val',
-        'scale': 4
+        'dataroot_gt': str(built / 'Test2K' / 'HR'), 'dataroot_lq': str(built / 'Test2K' / 'LR_bicubic' / 'X4'),
+        'io_backend': {'type': 'disk'}, 'filename_tmpl': '{}', 'phase': 'val', 'scale': 4
     })
     assert len(dataset) == 3
     item = dataset[0]

@@ -50,13 +50,8 @@ def test_sr_images_are_exactly_scale_times_the_lr_with_class_maps(setup, compare
         overlay = cv2.imread(str(out / 'lr' / f'{name}_classmap.png'))
         assert sr.shape == overlay.shape == (4 * h, 4 * w, 3)
     records = {r['image']: r for r in report['settings'][0]['images']}
-    assert {
-        k: tuple(v['sr_size'])
-        for k, v in records.items()
-    } == {
-        k: (4 * h, 4 * w)
-        for k, (h, w) in TESTER_LR_SIZES.items()
-    }
+    expected = {name: (4 * h, 4 * w) for name, (h, w) in TESTER_LR_SIZES.items()}
+    assert {name: tuple(record['sr_size']) for name, record in records.items()} == expected
 
 
 def test_report_has_every_field_and_flops_follow_the_cost_table(setup, compared):
@@ -224,10 +219,7 @@ def test_wrong_number_of_branches_is_named(setup, tmp_path, capsys):
     root, _ = setup
     two = dict(
         TESTER_NETWORK,
-        classifier={
-            'type': 'PatchClassifier',
-            'num_classes': 2
-        },
+        classifier={'type': 'PatchClassifier', 'num_classes': 2},
         branches=TESTER_NETWORK['branches'][:2])
     (tmp_path / 'two.yml').write_text(yaml.safe_dump({'network_g': two}))
     code = run_cli(['--input', root / 'lr', '--checkpoint', root / 'net.pth', '--network', tmp_path / 'two.yml'])

@@ -65,11 +65,10 @@ def make_report(images: list[ImageRecord]) -> Report:
         SettingResult('argmax', 'routed', images),
         SettingResult('backbone full image', 'backbone-full', backbone)
     ]
-    return Report('2025-01-01T00:00:00', 'tools/test_patches.py x', 'cpu', torch.__version__, 2, {
-        'router': 'classifier',
-        'patch': 32
-    }, settings, [Failure('lq/broken.png', 'unreadable or corrupt image file'),
-                  Failure('lq/tiny.png', '0x0 image')])
+    return Report('2025-01-01T00:00:00', 'tools/test_patches.py x', 'cpu', torch.__version__, 2,
+                  {'router': 'classifier', 'patch': 32}, settings,
+                  [Failure('lq/broken.png', 'unreadable or corrupt image file'),
+                   Failure('lq/tiny.png', '0x0 image')])
 
 
 # ----------------------------------------------------------------------------- aggregate
@@ -148,9 +147,7 @@ def test_write_report_json_round_trips_and_csv_rows(tmp_path, images):
         'flops', 'time_s', 'peak_memory_mb', 'sr_path', 'overlay_path'
     ]
     assert data['settings'][0]['sets'][0]['flops']['paper'] == {
-        'total': 22000.0,
-        'per_patch': 550.0,
-        'percent_of_largest': 55.0
+        'total': 22000.0, 'per_patch': 550.0, 'percent_of_largest': 55.0
     }
 
 

@@ -91,17 +91,9 @@ def test_draw_class_map_rejects_bad_input():
 
 
 def test_plot_writes_png(tmp_path):
-    series = [{
-        'label': 'CDNSR eta sweep',
-        'points': [(40.0, 30.1, 'eta=0.0'), (55.0, 30.3), (70.0, 30.4)]
-    }, {
-        'label': 'backbone',
-        'points': [(100.0, 30.5)],
-        'style': 'point'
-    }, {
-        'label': 'no GT',
-        'points': [(50.0, None)]
-    }]
+    series = [{'label': 'CDNSR eta sweep', 'points': [(40.0, 30.1, 'eta=0.0'), (55.0, 30.3), (70.0, 30.4)]},
+              {'label': 'backbone', 'points': [(100.0, 30.5)],
+               'style': 'point'}, {'label': 'no GT', 'points': [(50.0, None)]}]
     path = plot_psnr_flops(series, tmp_path / 'psnr_flops.png', convention='macs', title='Test2K')
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     image = cv2.imread(str(path))
