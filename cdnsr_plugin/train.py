@@ -13,6 +13,19 @@ def main() -> None:
     patch_basicsr()  # safe YAML, CPU resume, gloo DDP without GPUs (compat.py)
     from basicsr.train import train_pipeline
     train_pipeline(os.getcwd())
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under DDP, wait for every rank (rank 0 validates last, alone) and close the process group.
+
+    BasicSR's pipeline returns without either; a rank that exits while another still validates has been
+    seen to abort in gloo's teardown (SIGABRT, 2 of 12 two-process CPU runs), failing the whole job.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -88,7 +88,10 @@ def write_image(path: Path | str, img: np.ndarray) -> Path:
         OSError: the image cannot be encoded in that format.
     """
     path = Path(path)
-    ok, buffer = cv2.imencode(path.suffix or '.png', img)
+    try:
+        ok, buffer = cv2.imencode(path.suffix or '.png', img)
+    except cv2.error as exc:  # e.g. no encoder for the suffix
+        raise OSError(f'could not encode an image for {path} ({exc.err})') from exc
     if not ok:
         raise OSError(f'could not encode an image for {path}')
     return atomic_write(path, buffer.tobytes())

@@ -1,0 +1,28 @@
+"""The one atomic write, and images written and read through it."""
+import numpy as np
+import pytest
+
+from cdnsr_plugin.utils.io import atomic_write, read_image, write_image, write_json
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / 'new' / 'report.json'
+    atomic_write(target, b'first version, longer')
+    atomic_write(target, b'second')
+    assert target.read_bytes() == b'second'
+    with pytest.raises(TypeError):
+        atomic_write(target, 'not bytes')  # fails while writing the temporary file
+    assert target.read_bytes() == b'second'  # the old file is untouched
+    assert [p.name for p in target.parent.iterdir()] == ['report.json']
+
+
+def test_write_json_is_strict_and_write_image_round_trips(tmp_path):
+    path = write_json(tmp_path / 'a.json', {'psnr': float('inf'), 'values': np.arange(3), 'n': np.int64(2)})
+    assert path.read_text() == '{\n  "psnr": null,\n  "values": [\n    0,\n    1,\n    2\n  ],\n  "n": 2\n}\n'
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    for suffix in ('.png', '.bmp'):
+        written = write_image(tmp_path / f'image{suffix}', image)
+        assert np.array_equal(read_image(written)[0], image)
+    with pytest.raises(OSError, match='could not encode'):
+        write_image(tmp_path / 'image.nosuchformat', image)
+    assert not list(tmp_path.glob('*.nosuchformat')) and not list(tmp_path.glob('.*tmp'))
