@@ -47,12 +47,13 @@ class Schedule:
     """Size of one demo run."""
 
     max_side: int  # photos are shrunk to at most this many pixels per side
-    stages: tuple[int, int, int, int]  # iterations of pretrain, classifier, distill, finetune
+    stages: tuple[int,
+                  ...]  # iterations of the demo file's stages: backbone, pruned branches, classifier, distill, finetune
     batch: int
 
 
-FULL = Schedule(max_side=1000, stages=(1200, 500, 200, 500), batch=16)
-QUICK = Schedule(max_side=320, stages=(300, 100, 50, 100), batch=8)
+FULL = Schedule(max_side=1000, stages=(800, 400, 500, 200, 500), batch=16)
+QUICK = Schedule(max_side=320, stages=(200, 100, 100, 50, 100), batch=8)
 
 
 def bundled_photos() -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ FLOORS = [
     ['archs', 'losses'],
     ['data'],
     ['inference.policies', 'inference.laplacian', 'inference.engine'],
-    ['models', 'preparation', 'tester'],
+    ['models', 'preparation', 'tester', 'analysis'],
     ['__init__', 'train', 'test', 'demo', 'tester.cli'],
 ]
 

@@ -192,7 +192,8 @@ class CDNSRNet(nn.Module):
                 tau: Optional[float] = None,
                 labels: Optional[torch.Tensor] = None,
                 frozen: Optional[str] = None,
-                return_outputs: bool = False) -> tuple[torch.Tensor, ...]:
+                return_outputs: bool = False,
+                return_weights: bool = False) -> tuple[torch.Tensor, ...]:
         """SR patches and class probabilities ``softmax(logits)``, shapes (N, C, sh, sw) and (N, M).
 
         Args:
@@ -206,9 +207,12 @@ class CDNSRNet(nn.Module):
                 stage that freezes it); ``None`` for neither.
             return_outputs: also return every branch's output on every patch (knowledge
                 distillation); then ``hard`` routing selects among them instead of grouping.
+            return_weights: also return, last, the (N, M) weights the branches were mixed with: the
+                Gumbel-softmax sample, the soft probabilities, or the one-hot choice (FLOPs terms that
+                act on the sample, as CDNSR's reference code does).
 
         Returns:
-            ``(sr, probs)``, or ``(sr, probs, outputs)`` with ``return_outputs``.
+            ``(sr, probs)``, then ``outputs`` with ``return_outputs``, then ``weights`` with ``return_weights``.
         """
         mode = routing or self.routing
         self._check_routing(mode, 'routing')
@@ -223,15 +227,16 @@ class CDNSRNet(nn.Module):
             with torch.set_grad_enabled(grad and frozen != 'classifier'):
                 logits = self.classify(x)
             probs = logits.softmax(dim=1)
-        with torch.set_grad_enabled(grad and frozen != 'branches'):
-            if mode == 'hard' and not return_outputs:
-                return self.route(x, probs.argmax(dim=1) if labels is None else labels), probs
-            outputs = self.branch_outputs(x)
         if mode == 'soft' or labels is not None:
             weights = probs
         elif mode == 'gumbel':
             weights = F.gumbel_softmax(logits, tau=self.tau if tau is None else tau, hard=self.hard_gumbel)
         else:
             weights = F.one_hot(probs.argmax(dim=1), self.num_classes).to(x.dtype)
+        with torch.set_grad_enabled(grad and frozen != 'branches'):
+            if mode == 'hard' and not return_outputs:
+                sr = self.route(x, probs.argmax(dim=1) if labels is None else labels)
+                return (sr, probs, weights) if return_weights else (sr, probs)
+            outputs = self.branch_outputs(x)
         sr = self.mix(outputs, weights)
-        return (sr, probs, outputs) if return_outputs else (sr, probs)
+        return (sr, probs) + ((outputs, ) if return_outputs else ()) + ((weights, ) if return_weights else ())

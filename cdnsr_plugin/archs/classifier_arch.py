@@ -22,6 +22,13 @@ class PatchClassifier(nn.Module):
 
     ``forward`` returns logits; the routing container applies the softmax.
 
+    Initialisation (``init``): ClassSR's reference code scales a Kaiming init by 0.1 in every conv
+    (``classsr``). Through five layers that leaves the logits nearly constant across patches: measured on
+    the 256 32x32 tiles of scikit-image's ``astronaut``, the spread (std over patches) of the difference of two
+    logits is 2e-6, so the FC bias alone decides the class and every early gradient moves all patches
+    together. The default ``content`` uses He (fan-in) init for LeakyReLU(0.1) in every conv, where that
+    spread is 0.74: from the first iteration the classifier's outputs depend on the patch.
+
     Args:
         num_in_ch: input channels.
         num_classes: M, the number of classes (branches).
@@ -29,6 +36,7 @@ class PatchClassifier(nn.Module):
         num_feat: width of the hidden conv layers.
         out_feat: channels of the last conv layer (input of the FC layer).
         first_kernel: kernel size and stride of the first conv.
+        init: ``content`` (default) or ``classsr`` (the reference code's 0.1-scaled init), see above.
 
     Examples:
         >>> PatchClassifier(num_classes=3)(torch.zeros(2, 3, 32, 32)).shape
@@ -41,7 +49,8 @@ class PatchClassifier(nn.Module):
                  num_conv: int = 5,
                  num_feat: int = 128,
                  out_feat: int = 32,
-                 first_kernel: int = 4) -> None:
+                 first_kernel: int = 4,
+                 init: str = 'content') -> None:
         super().__init__()
         if not 3 <= num_conv <= 6:
             raise ValueError(f'PatchClassifier num_conv must be between 3 and 6 (CDNSR Table III), got {num_conv}')
@@ -54,7 +63,15 @@ class PatchClassifier(nn.Module):
         layers.append(nn.Conv2d(num_feat, out_feat, 1))
         self.CondNet = nn.Sequential(*layers)
         self.lastOut = nn.Linear(out_feat, num_classes)
-        default_init_weights([self.CondNet], 0.1)
+        if init == 'classsr':
+            default_init_weights([self.CondNet], 0.1)
+        elif init == 'content':
+            for layer in self.CondNet:
+                if isinstance(layer, nn.Conv2d):
+                    nn.init.kaiming_normal_(layer.weight, a=0.1, mode='fan_in', nonlinearity='leaky_relu')
+                    nn.init.zeros_(layer.bias)
+        else:
+            raise ValueError(f"PatchClassifier init must be 'content' or 'classsr', got {init!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lastOut(self.CondNet(x).mean(dim=(2, 3)))

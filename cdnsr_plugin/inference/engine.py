@@ -215,6 +215,18 @@ class RoutedEngine:
             lr, labels, grid, lambda tiles, chunk_labels: torch.cat(
                 [self.net.branches[j](tiles[i:i + 1]) for i, j in enumerate(chunk_labels.tolist())]))
 
+    def branch_tiles(self, lr: torch.Tensor, branch: int, grid: Optional[PatchGrid] = None) -> torch.Tensor:
+        """Every tile of ``lr`` through branch ``branch`` (batched), float32 on the CPU, in grid order:
+        ``(N, C, patch * scale, patch * scale)``. For analyses that compare branches tile by tile."""
+        if not 0 <= branch < self.num_classes:
+            raise ValueError(f'branch must lie in [0, {self.num_classes}), got {branch}')
+
+        def run(tiles: torch.Tensor) -> torch.Tensor:
+            labels = torch.full((len(tiles), ), branch, dtype=torch.long, device=self.device)
+            return self.net.route(self._prepare(tiles), labels, max_batch=self.max_batch).float().cpu()
+
+        return self.map_tiles(lr, run, grid)
+
     def super_resolve(self, lr: torch.Tensor, decide: Decision = argmax_labels) -> RoutedResult:
         """Classify every tile, route by ``decide(logits)`` (default: the argmax) and render."""
         logits, grid = self.classify(lr)

@@ -41,6 +41,8 @@ class PixelKDLoss(nn.Module):
 
     _CRITERIA = {'l1': F.l1_loss, 'mse': F.mse_loss}
 
+    routing_inputs = ('outputs', )
+
     def __init__(self, loss_weight: float = 1.0, criterion: str = 'l1') -> None:
         super().__init__()
         if criterion not in self._CRITERIA:
@@ -123,6 +125,8 @@ class ContrastiveKDLoss(nn.Module):
         FileNotFoundError: ``vgg_weights`` is missing (and ``random_weights`` is false).
         ValueError: unknown ``feature_extractor`` or ``layer``; in ``forward``, a batch of one.
     """
+
+    routing_inputs = ('outputs', 'lq')
 
     def __init__(self,
                  loss_weight: float = 1.0,

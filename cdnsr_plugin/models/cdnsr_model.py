@@ -12,15 +12,21 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from cdnsr_plugin.archs.pruning import DEFAULT_WIDTHS, WIDTH_KEYS, prunable, prune
 from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table
 from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
-from cdnsr_plugin.losses import AverageLoss, ClassLoss, ContrastiveKDLoss, FLOPsRegLoss, PixelKDLoss
 from cdnsr_plugin.models.stages import Stage, parse_stages, stage_at
 from cdnsr_plugin.registry import register
 from cdnsr_plugin.utils.checkpoint import load_parts, part_paths
 
-PROBABILITY_LOSSES = (ClassLoss, AverageLoss)
-OUTPUT_LOSSES = (PixelKDLoss, ContrastiveKDLoss)
+CLASSIFIER_INPUTS = ('probs', 'weights')  # what a loss needs the classifier for
+LABEL_ROUTINGS = ('labels', 'backbone', 'all')  # stages that route without the classifier
+
+
+def routing_inputs(loss: torch.nn.Module) -> tuple[str, ...]:
+    """What ``loss`` is called with: its ``routing_inputs`` (the plugin's losses), else ``(sr, gt)`` (BasicSR's
+    pixel and perceptual losses)."""
+    return tuple(getattr(loss, 'routing_inputs', ('sr', 'gt')))
 
 
 @register(MODEL_REGISTRY)
@@ -33,10 +39,12 @@ class CDNSRModel(SRModel):
 
     * pixel losses (basicsr's ``L1Loss``, ...): on the routed output vs. GT (ClassSR's Image-Loss,
       CDNSR's L_res);
-    * ``ClassLoss``, ``AverageLoss``: on the class probabilities (ClassSR eqs. 3-4);
-    * ``FLOPsRegLoss``: on the probabilities with the branches' FLOPs at the training patch size
-      (CDNSR eqs. 2-3; ``train.flops_convention``, default ``paper``);
-    * ``PixelKDLoss``, ``ContrastiveKDLoss``: on every branch's output (CDNSR eqs. 7-8).
+    * the plugin's losses name their inputs in ``routing_inputs``: ``probs`` (the classifier's
+      probabilities), ``weights`` (the routing weights of the forward pass, e.g. the Gumbel sample),
+      ``outputs`` (every branch's output), ``costs`` (the branches' FLOPs at the training patch size,
+      ``train.flops_convention``, default ``paper``), ``sr``, ``gt``, ``lq``: ``ClassLoss``, ``AverageLoss``
+      (ClassSR eqs. 3-4), ``FLOPsRegLoss`` (CDNSR eqs. 2-3), ``PixelKDLoss``, ``ContrastiveKDLoss`` (CDNSR
+      eqs. 7-8), ``DualFLOPsLoss`` and ``OracleLabelLoss`` (budget-meeting routers, beyond the papers).
 
     Inherited from SRModel unchanged: network building and ``path.pretrain_network_g`` loading,
     optimizer set-up, EMA, saving, the validation loop and metrics. Overridden: training set-up
@@ -115,27 +123,34 @@ class CDNSRModel(SRModel):
             if stage.routing == 'labels' and dataset_type != 'DifficultyPairedDataset':
                 errors.append(f'{key} routes by data labels: datasets.train.type must be DifficultyPairedDataset, '
                               f'got {dataset_type}')
-            needs_probs = [n for n in stage.losses if isinstance(self.losses[n], PROBABILITY_LOSSES + (FLOPsRegLoss, ))]
-            if stage.routing == 'labels' and needs_probs:
-                errors.append(f'{key} routes by labels, so {needs_probs} would see no classifier output')
+            needs_probs = [n for n in stage.losses if set(routing_inputs(self.losses[n])) & set(CLASSIFIER_INPUTS)]
+            if stage.routing in LABEL_ROUTINGS and needs_probs:
+                errors.append(f'{key} routes by {stage.routing}, so {needs_probs} would see no classifier output')
             if stage.frozen == 'classifier' and needs_probs:
                 errors.append(f'{key} freezes the classifier, so {needs_probs} cannot train anything')
+            if stage.prune:
+                arches = [opt.get('type') for opt in self.bare_net.branch_opts]
+                if len(set(arches)) != 1 or not prunable(arches[0]):
+                    errors.append(f'{key} prunes the branches from the largest one: they must share one prunable arch '
+                                  f'(FSRCNN, CARN, MSRResNet, EDSR), got {arches}')
         return errors
 
     def _fill_scheduler_periods(self, train_opt: dict) -> None:
-        """CosineAnnealingRestartLR without ``periods`` restarts at every stage boundary.
+        """CosineAnnealingRestartLR without ``periods`` restarts at every stage boundary, at each stage's ``lr``.
 
         BasicSR steps the scheduler before each iteration, so iteration ``k`` runs at the rate of
         scheduler step ``k - 1``: the first period is one step shorter than the first stage, which puts
-        every restart (full learning rate) exactly on a stage's first iteration.
+        every restart (full learning rate) exactly on a stage's first iteration. A stage's ``lr`` becomes
+        its period's restart weight (``lr / optim_g.lr``; BasicSR scales ``lr - eta_min`` by it).
         """
         scheduler = train_opt.get('scheduler') or {}
         if scheduler.get('type') == 'CosineAnnealingRestartLR' and 'periods' not in scheduler:
+            base = float(train_opt['optim_g']['lr'])
             periods = [stage.iters for stage in self.stages]
+            weights = [1.0 if stage.lr is None else stage.lr / base for stage in self.stages]
             periods[0] -= 1
             if periods[0] == 0:  # a one-iteration first stage runs at the full rate of the next period
-                periods = periods[1:] or [1]
-            weights = [1] * len(periods)
+                periods, weights = periods[1:] or [1], weights[1:] or [1.0]
             scheduler['periods'] = periods
             scheduler.setdefault('restart_weights', weights)
 
@@ -172,16 +187,19 @@ class CDNSRModel(SRModel):
             get_root_logger().info(f'Stage {stage.index + 1}/{len(self.stages)} "{stage.name}" from iter '
                                    f'{stage.start} to {stage.end}: training {", ".join(stage.train)}, '
                                    f'routing {stage.routing}, losses {stage.losses}')
+            if current_iter == stage.start and stage.prune:
+                self._prune_branches()
             if current_iter == stage.start and stage.index > 0:
                 self._reset_optimizer_state(stage)
             self._stage = stage
         self.optimizer_g.zero_grad(set_to_none=True)
         tau = stage.tau_at(current_iter)
-        sr, probs, outputs = self._forward(stage, tau)
-        self.output = sr
+        batch = self._forward(stage, tau)
+        self.output = batch['sr']
         loss_dict: OrderedDict[str, torch.Tensor] = OrderedDict()
         for name, weight in stage.losses.items():
-            loss_dict[f'l_{name}'] = weight * self._loss(self.losses[name], sr, probs, outputs)
+            loss = self.losses[name]
+            loss_dict[f'l_{name}'] = weight * loss(*(batch[key] for key in routing_inputs(loss)))
         total = sum(loss_dict.values())
         if not torch.isfinite(total):
             raise FloatingPointError(
@@ -192,7 +210,7 @@ class CDNSRModel(SRModel):
         self.optimizer_g.step()
         loss_dict['l_total'] = total
         self.log_dict = self.reduce_loss_dict(loss_dict)
-        self.log_dict.update(self._routing_log(stage, probs, tau))
+        self.log_dict.update(self._routing_log(stage, batch['probs'], tau))
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
@@ -207,38 +225,71 @@ class CDNSRModel(SRModel):
         self.optimizer_g.state.clear()
         get_root_logger().info(f'Stage "{stage.name}": optimizer state reset (fresh moments for the new stage)')
 
-    def _forward(self, stage: Stage, tau: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, Optional[list]]:
-        need_outputs = any(isinstance(self.losses[name], OUTPUT_LOSSES) for name in stage.losses)
+    def _prune_branches(self) -> None:
+        """Every branch but the largest becomes the largest one channel-pruned to its width (CDNSR Sec. III-A)."""
+        net = self.bare_net
+        largest, options = net.branches[-1], net.branch_opts[-1]
+        key, default = WIDTH_KEYS[options['type']], DEFAULT_WIDTHS[options['type']]
+        for index, branch_opt in enumerate(net.branch_opts[:-1]):
+            width = int(branch_opt.get(key, default))
+            _, small = prune(options, largest, width)
+            net.branches[index].load_state_dict(small.state_dict())
+            get_root_logger().info(f'Branch {index} ({branch_opt["type"]} {key}={width}) pruned from the largest '
+                                   f'branch ({key}={options.get(key, default)}): its largest-L1 filters kept')
+
+    def _forward(self, stage: Stage, tau: Optional[float]) -> dict[str, Any]:
+        """The routed forward pass of the stage and everything its losses may read (see ``routing_inputs``)."""
+        need_outputs = any('outputs' in routing_inputs(self.losses[name]) for name in stage.losses)
+        lq, gt = self.lq, self.gt
+        if stage.routing in LABEL_ROUTINGS:
+            lq, gt, labels = self._label_batch(stage)
+            result = self.net_g(lq, labels=labels, return_outputs=need_outputs, return_weights=True)
+        else:
+            result = self.net_g(
+                lq,
+                routing=stage.routing,
+                tau=tau,
+                frozen=stage.frozen,
+                return_outputs=need_outputs,
+                return_weights=True)
+        return {
+            'sr': result[0], 'probs': result[1], 'outputs': result[2] if need_outputs else None, 'weights': result[-1],
+            'gt': gt, 'lq': lq, 'costs': self.branch_costs.to(result[1].dtype)
+        }
+
+    def _label_batch(self, stage: Stage) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs, targets and branch per sample of a stage that routes without the classifier: ``labels`` (the
+        data's class), ``backbone`` (the largest branch), ``all`` (every sample through every branch, the
+        batch repeated once per branch)."""
+        batch, classes = self.lq.shape[0], self.bare_net.num_classes
         if stage.routing == 'labels':
             if self.labels is None:
                 raise ValueError(f'stage {stage.name} routes by labels but the batch has none')
-            result = self.net_g(self.lq, labels=self.labels, return_outputs=need_outputs)
-        else:
-            result = self.net_g(
-                self.lq, routing=stage.routing, tau=tau, frozen=stage.frozen, return_outputs=need_outputs)
-        return result[0], result[1], (result[2] if need_outputs else None)
-
-    def _loss(self, loss: torch.nn.Module, sr: torch.Tensor, probs: torch.Tensor,
-              outputs: Optional[list]) -> torch.Tensor:
-        if isinstance(loss, PROBABILITY_LOSSES):
-            return loss(probs)
-        if isinstance(loss, FLOPsRegLoss):
-            return loss(probs, self.branch_costs.to(probs.dtype))
-        if isinstance(loss, PixelKDLoss):
-            return loss(outputs)
-        if isinstance(loss, ContrastiveKDLoss):
-            return loss(outputs, self.lq)
-        return loss(sr, self.gt)
+            return self.lq, self.gt, self.labels
+        if stage.routing == 'backbone':
+            return self.lq, self.gt, torch.full((batch, ), classes - 1, dtype=torch.long, device=self.device)
+        labels = torch.arange(classes, device=self.device).repeat_interleave(batch)
+        return self.lq.repeat(classes, 1, 1, 1), self.gt.repeat(classes, 1, 1, 1), labels
 
     def _routing_log(self, stage: Stage, probs: torch.Tensor, tau: Optional[float]) -> dict[str, float]:
-        """Class shares of the batch (argmax), expected FLOPs as % of the largest branch, tau."""
+        """Class shares of the batch (argmax), FLOPs as % of the largest branch both soft (the probabilities'
+        expectation, what CDNSR's eq. 2 constrains) and hard (the argmax, what the test runs), the mean largest
+        probability (ClassSR's Class-Loss pushes it to 1), tau, and the price of a ``DualFLOPsLoss``."""
         probs = probs.detach()
-        shares = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).double() / probs.shape[0]
-        expected = (probs.double() @ self.branch_costs).mean() / self.branch_costs.max()
+        choice = probs.argmax(1)
+        shares = torch.bincount(choice, minlength=probs.shape[1]).double() / probs.shape[0]
+        relative = self.branch_costs / self.branch_costs.max()
         log = {f'cls{j}': float(v) for j, v in enumerate(shares)}
-        log.update(stage=float(stage.index + 1), flops_pct=100.0 * float(expected))
+        log.update(
+            stage=float(stage.index + 1),
+            flops_pct=100.0 * float((probs.double() @ relative).mean()),
+            flops_hard_pct=100.0 * float(relative[choice].mean()),
+            max_prob=float(probs.max(1).values.mean()))
         if tau is not None:
             log['tau'] = tau
+        for name in stage.losses:
+            if hasattr(self.losses[name], 'price'):
+                log[f'price_{name}'] = float(self.losses[name].price)
         return log
 
     # ------------------------------------------------------------------ validation

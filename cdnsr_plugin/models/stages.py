@@ -23,8 +23,14 @@ distill     branches                    hard: the frozen classifier's argmax
 finetune    classifier, branches        soft
 =========== =========================== ======================================================
 
-``tau: [start, min]`` anneals the Gumbel temperature over the stage as
-``max(min, start * (1 - t / T))`` (CDNSR: ``max(0.4, 1 - t/T)``).
+Other routings: ``backbone`` sends every patch to the largest branch (training it on all data, e.g. before
+pruning), ``all`` every patch through every branch (each branch trained on all data), ``hard`` the
+classifier's argmax. ``tau: [start, min]`` anneals the Gumbel temperature over the
+stage as ``max(min, start * (1 - t / T))`` (CDNSR: ``max(0.4, 1 - t/T)``). ``prune: true`` replaces, at the
+stage's first iteration, every branch but the largest by the largest one channel-pruned to that branch's
+width (``archs/pruning.py``, CDNSR Sec. III-A), so the stage fine-tunes pruned branches. ``lr`` sets the
+stage's starting learning rate (default: ``train.optim_g.lr``), e.g. ClassSR's 1e-3 for pre-training the
+branches and 2e-4 for the classifier.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ DEFAULT_TRAIN = {
     'finetune': ('classifier', 'branches')
 }
 DEFAULT_ROUTING = {'pretrain': 'labels', 'classifier': 'soft', 'distill': 'hard', 'finetune': 'soft'}
-ROUTINGS = ('labels', 'soft', 'gumbel', 'hard')
+ROUTINGS = ('labels', 'backbone', 'all', 'soft', 'gumbel', 'hard')
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class Stage:
     routing: str
     losses: dict[str, float]
     tau: Optional[tuple[float, float]] = None
+    prune: bool = False
+    lr: Optional[float] = None
 
     @property
     def end(self) -> int:
@@ -96,6 +104,11 @@ def _stage_errors(raw: Any, i: int, loss_names: set[str]) -> list[str]:
     tau = raw.get('tau')
     if tau is not None and (not isinstance(tau, (list, tuple)) or len(tau) != 2 or not 0 < tau[1] <= tau[0]):
         errors.append(f'{key}.tau must be [start, min] with 0 < min <= start, got {tau!r}')
+    if raw.get('prune') not in (None, True, False):
+        errors.append(f"{key}.prune must be true or false, got {raw.get('prune')!r}")
+    lr = raw.get('lr')
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float('inf')):
+        errors.append(f'{key}.lr must be a positive learning rate, got {lr!r}')
     return errors
 
 
@@ -114,7 +127,8 @@ def parse_stages(train_opt: dict, loss_names: set[str]) -> tuple[list[Stage], li
         tau = tuple(float(t) for t in raw['tau']) if raw.get('tau') else ((1.0, 0.4) if routing == 'gumbel' else None)
         losses = {key: float(weight) for key, weight in raw['losses'].items()}
         train = tuple(raw.get('train', DEFAULT_TRAIN[name]))
-        stages.append(Stage(i, name, start, raw['iters'], train, routing, losses, tau))
+        lr = float(raw['lr']) if raw.get('lr') is not None else None
+        stages.append(Stage(i, name, start, raw['iters'], train, routing, losses, tau, bool(raw.get('prune')), lr))
         start += raw['iters']
     total = train_opt.get('total_iter')
     if total is not None and int(total) != start - 1:

@@ -171,3 +171,34 @@ def test_option_file_mode_and_basicsr_test_pipeline_share_the_file(setup, tmp_pa
     # BasicSR's validation (Y PSNR, crop 4) of the same routed model and images gives the same mean
     logged = float(log.split('# psnr:')[1].split()[0])
     assert logged == pytest.approx(np.mean(list(ours.values())), abs=1e-3)
+
+
+def test_prune_branches_writes_part_checkpoints_that_load(tmp_path):
+    import torch
+    from basicsr.archs import build_network
+
+    from cdnsr_plugin.archs.pruning import prune
+    from cdnsr_plugin.utils.checkpoint import load_parts
+    torch.manual_seed(0)
+    largest = build_network({'type': 'FSRCNN', 'd': 56, 's': 12, 'm': 4, 'upscale': 4})
+    torch.save({'params': largest.state_dict()}, tmp_path / 'fsrcnn56.pth')
+    network = REPO / 'options' / 'networks' / 'CDNSR_FSRCNN_x4.yml'
+    result = subprocess.run([
+        sys.executable,
+        str(REPO / 'tools' / 'prune_branches.py'), '--network',
+        str(network), '--checkpoint',
+        str(tmp_path / 'fsrcnn56.pth'), '--out',
+        str(tmp_path / 'parts')
+    ],
+                            capture_output=True,
+                            text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert 'pretrain_network_branch0:' in result.stdout
+    net = build_network(yaml.safe_load(network.read_text())['network_g'])
+    load_parts(net.named_parts(),
+               {f'pretrain_network_branch{i}': tmp_path / 'parts' / f'branch{i}.pth'
+                for i in range(3)})
+    assert all(torch.equal(a, b) for a, b in zip(net.branches[2].state_dict().values(), largest.state_dict().values()))
+    small = prune({'type': 'FSRCNN', 'd': 56, 's': 12, 'm': 4, 'upscale': 4}, largest, 16)[1]
+    assert all(torch.equal(a, b) for a, b in zip(net.branches[0].state_dict().values(), small.state_dict().values()))

@@ -202,3 +202,77 @@ def test_parts_load_from_their_own_checkpoints(tmp_path, training_data):
         tmp_path, training_data[0], FOUR_STAGES, path={'pretrain_network_branch3': str(tmp_path / 'fsrcnn56.pth')})
     with pytest.raises(ValueError, match='path.pretrain_network_branch3'):
         build_model(extra)
+
+
+def stages_of(*stages: dict, lr: float = 1e-3) -> dict:
+    """A schedule of the given stages with L1 and the oracle loss configured."""
+    return {
+        'optim_g': {'type': 'Adam', 'lr': lr}, 'total_iter': sum(s['iters'] for s in stages),
+        'scheduler': {'type': 'CosineAnnealingRestartLR', 'eta_min': 1e-7}, 'losses': {
+            'pixel': {'type': 'L1Loss'}, 'oracle': {'type': 'OracleLabelLoss', 'target': 0.5},
+            'dual': {'type': 'DualFLOPsLoss', 'alpha': 0.5}
+        }, 'stages': list(stages)
+    }
+
+
+def test_backbone_and_all_routings_train_the_branches_they_name(tmp_path, training_data):
+    train = stages_of({'name': 'pretrain', 'iters': 1, 'routing': 'backbone', 'losses': {'pixel': 1}},
+                      {'name': 'pretrain', 'iters': 1, 'routing': 'all', 'losses': {'pixel': 1}})
+    model = build_model(model_opt(tmp_path, training_data[0], train))
+    branches = model.bare_net.branches
+    for current_iter, learn in ((1, [False, False, True]), (2, [True, True, True])):
+        model.feed_data(batch(training_data[0], [0, 0, 0, 0]))  # class-0 samples: labels would train branch 0 only
+        before = [snapshot(b) for b in branches]
+        model.optimize_parameters(current_iter)
+        assert [changed(b0, b) for b0, b in zip(before, branches)] == learn, current_iter
+
+
+def test_prune_stage_cuts_the_smaller_branches_out_of_the_largest(tmp_path, training_data):
+    """At the stage's first iteration (its update, at BasicSR's eta_min 1e-7, moves a weight by about 1e-7)."""
+    from cdnsr_plugin.archs.pruning import prune
+    train = stages_of(
+        {'name': 'pretrain', 'iters': 2, 'routing': 'backbone', 'losses': {'pixel': 1}},
+        {'name': 'pretrain', 'iters': 1, 'routing': 'all', 'prune': True, 'lr': 1e-30, 'losses': {'pixel': 1}})
+    model = build_model(model_opt(tmp_path, training_data[0], train))
+    net = model.bare_net
+    for current_iter in (1, 2, 3):
+        if current_iter == 3:
+            expected = [prune(net.branch_opts[-1], net.branches[-1], d)[1].state_dict() for d in (16, 36)]
+        model.update_learning_rate(current_iter)  # as BasicSR's training loop does
+        model.feed_data(batch(training_data[0], [0, 1, 2, 2]))
+        model.optimize_parameters(current_iter)
+    for branch, state in zip(net.branches[:2], expected):
+        assert all(torch.allclose(branch.state_dict()[k], v, rtol=0, atol=1e-6) for k, v in state.items())
+
+
+def test_stage_learning_rates_and_hard_flops_in_the_log(tmp_path, training_data):
+    train = stages_of(
+        {'name': 'pretrain', 'iters': 5, 'routing': 'backbone', 'losses': {'pixel': 1}},
+        {'name': 'classifier', 'iters': 5, 'routing': 'soft', 'lr': 2e-4, 'losses': {'oracle': 1}},
+        {'name': 'classifier', 'iters': 5, 'routing': 'gumbel', 'lr': 5e-4, 'losses': {'pixel': 1, 'dual': 1}})
+    model = build_model(model_opt(tmp_path, training_data[0], train))
+    rates = []
+    for current_iter in range(1, 16):
+        model.update_learning_rate(current_iter)
+        rates.append(model.get_current_learning_rate()[0])
+    first_step = 0.5 * (1 + math.cos(math.pi / 5))  # BasicSR's first step of a 5-iteration period
+    expected = [1e-3] + [1e-7 + lr / 1e-3 * (1e-3 - 1e-7) * first_step for lr in (2e-4, 5e-4)]
+    assert [rates[i] for i in (0, 5, 10)] == pytest.approx(expected)  # each stage restarts at its own lr
+    model.feed_data(batch(training_data[0], [0, 1, 2, 2]))
+    model.optimize_parameters(11)
+    log = model.get_current_log()
+    shares = torch.tensor([log[f'cls{j}'] for j in range(3)], dtype=torch.float64)
+    relative = model.branch_costs / model.branch_costs.max()
+    assert log['flops_hard_pct'] == pytest.approx(100 * float(shares @ relative))  # what the argmax costs
+    assert 0 < log['flops_pct'] <= 100 and log['price_dual'] > 0
+
+
+def test_stages_that_route_without_the_classifier_refuse_classifier_losses(tmp_path, training_data):
+    train = stages_of({'name': 'pretrain', 'iters': 1, 'routing': 'all', 'losses': {'pixel': 1, 'oracle': 1}})
+    with pytest.raises(ValueError, match="routes by all, so \\['oracle'\\] would see no classifier output"):
+        build_model(model_opt(tmp_path, training_data[0], train))
+    carn = {**FSRCNN_NET, 'branches': [{'type': 'FSRCNN', 'd': 16}, {'type': 'CARN', 'num_feat': 32}]}
+    carn['classifier'] = {'type': 'PatchClassifier', 'num_classes': 2}
+    train = stages_of({'name': 'pretrain', 'iters': 1, 'routing': 'all', 'prune': True, 'losses': {'pixel': 1}})
+    with pytest.raises(ValueError, match='share one prunable arch'):
+        build_model(model_opt(tmp_path, training_data[0], train, network=carn))

@@ -1,0 +1,1 @@
+"""Analyses of trained routed networks (``tools/analyze_routing.py``)."""

@@ -1,0 +1,300 @@
+"""How well does a router route? Per-tile branch quality, the oracle frontier, and routers compared at equal
+budgets (``tools/analyze_routing.py``).
+
+For every image every branch super-resolves every tile once (the papers' tiling, as the engine cuts it);
+per tile and branch the squared error on Y (BasicSR's BT.601 luma, 8-bit range, as its PSNR) is kept,
+and so are the SR tiles, so that any assignment of branches to tiles can be merged into the image it gives
+without running a network again. Then:
+
+* **branch x class table** (ClassSR Table 1 style): tiles of the whole set are split into M equal classes
+  by the largest branch's tile PSNR (highest = simple, as ``tools/prepare_data.py`` labels); each cell is
+  the PSNR of one branch over one class (from the pooled MSE);
+* **routers at equal budgets**: for each budget (per-tile cost as a fraction of the largest branch, the
+  router's own cost included: the classifier's, the Laplacian's, none for the oracle and random) each
+  router's decision is solved per image with ``policies.solve_budget``:
+
+  - *oracle*: scores ``-SE_tj`` (squared error of branch j on tile t), so the solver picks
+    ``argmin_j (SE_tj + mu * C_j / C_max)`` with ``mu`` bisected to the budget: the best any router could do
+    tile by tile (seams included, as the merged image is scored);
+  - *learned*: the classifier's logits, i.e. the cost knob ``eta``;
+  - *laplacian*: edge energy as a ranking (scores ``j * z_t``, ``z`` the standardised edge energy);
+  - *random*: seeded standard-normal scores, a random ranking;
+
+  and the merged image is scored (BasicSR's PSNR on Y, ``crop_border = scale``); **regret** is the oracle's
+  PSNR minus the router's at the same budget;
+* the classifier's argmax (no knob), its **soft-vs-hard gap** (ClassSR eq. 1's probability-weighted
+  mixture vs the argmax branch, both merged), and the **Spearman correlation** between the classifier's
+  preference for larger branches (its expected class index) and what the largest branch gains on the tile
+  over the smallest (the drop in Y MSE: what the oracle trades against cost; a PSNR difference would rank
+  flat tiles, where a few grey levels are many dB, above textured ones);
+* the backbone patch-wise and on the whole image (the honest baseline).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from basicsr.metrics import calculate_psnr, calculate_ssim
+from basicsr.utils import tensor2img
+
+from cdnsr_plugin.inference.costs import CostTable, full_image_cost
+from cdnsr_plugin.inference.engine import RoutedEngine
+from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, laplacian_scores
+from cdnsr_plugin.inference.policies import solve_budget
+from cdnsr_plugin.inference.tiling import PatchGrid, PatchMerger
+
+ROUTERS = ('oracle', 'learned', 'laplacian', 'random')
+DEFAULT_BUDGETS = (0.4, 0.5, 0.55, 0.65, 0.8)
+_Y = (65.481, 128.553, 24.966)  # BasicSR's rgb2ycbcr(y_only=True) on [0, 1] RGB, times 255
+
+
+@dataclass
+class ImageTiles:
+    """One image's tiles under every branch: what the routers are compared on."""
+
+    name: str
+    lr: torch.Tensor  # (3, h, w) RGB in [0, 1]
+    gt: np.ndarray  # uint8 BGR, scale x the LR
+    grid: PatchGrid
+    sr_tiles: torch.Tensor  # (M, N, 3, patch * scale, patch * scale), float32
+    squared_error: np.ndarray  # (N, M): sum over the tile's valid pixels of the Y error, 8-bit range
+    pixels: np.ndarray  # (N,): valid HR pixels per tile (tiles at a small image's border are padded)
+    logits: Optional[np.ndarray]  # (N, M) classifier logits
+    edge: np.ndarray  # (N,) Laplacian edge energy
+    full_psnr: float  # the largest branch on the whole image (no tiles): the honest baseline
+    full_cost: Optional[dict[str, float]] = None  # its cost on the whole image, per convention
+
+    def tile_psnr(self) -> np.ndarray:
+        """(N, M) PSNR of each branch on each tile (Y, 8-bit); an exact tile gets 100 dB."""
+        mse = self.squared_error / self.pixels[:, None]
+        return 10 * np.log10(255.0**2 / np.maximum(mse, 255.0**2 * 1e-10))
+
+
+def _luma(rgb: torch.Tensor) -> torch.Tensor:
+    """Y in the 8-bit range of (..., 3, H, W) RGB in [0, 1], as BasicSR computes it (before the +16)."""
+    weights = torch.tensor(_Y, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    return (rgb * weights).sum(dim=-3)
+
+
+def tile_errors(sr_tiles: torch.Tensor, gt: np.ndarray, grid: PatchGrid, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile and branch the summed squared Y error against the ground truth, and each tile's pixel count.
+
+    SR tiles are rounded to 8 bits first, as the images are scored; pixels of a tile that lie beyond the
+    image (replicate padding of images smaller than a tile) are left out.
+    """
+    gt_rgb = torch.from_numpy(np.ascontiguousarray(gt[..., ::-1])).permute(2, 0, 1).float() / 255.0
+    height, width = gt_rgb.shape[-2:]
+    side = grid.patch * scale
+    errors, pixels = [], []
+    for (y, x) in grid.positions().tolist():
+        top, left = y * scale, x * scale
+        h, w = min(side, height - top), min(side, width - left)
+        target = _luma(gt_rgb[:, top:top + h, left:left + w])
+        sr = _luma(sr_tiles[:, len(errors), :, :h, :w].clamp(0, 1).mul(255).round().div(255))
+        errors.append(((sr - target)**2).sum(dim=(-2, -1)).numpy())
+        pixels.append(h * w)
+    return np.stack(errors).astype(np.float64), np.asarray(pixels, dtype=np.float64)
+
+
+def collect(engine: RoutedEngine,
+            name: str,
+            lr: torch.Tensor,
+            gt: np.ndarray,
+            classifier: bool = True,
+            full_coefficients: Optional[dict] = None) -> ImageTiles:
+    """Run every branch on every tile of one image (and the classifier), keep the SR tiles and their errors;
+    with ``full_coefficients`` (``costs.full_image_coefficients`` of the largest branch) also the cost of the
+    largest branch on the whole image."""
+    grid = engine.grid(lr)
+    sr_tiles = torch.stack([engine.branch_tiles(lr, branch, grid) for branch in range(engine.num_classes)])
+    errors, pixels = tile_errors(sr_tiles, gt, grid, engine.scale)
+    logits = engine.classify(lr, grid)[0].numpy().astype(np.float64) if classifier else None
+    edge = engine.map_tiles(lr, lambda tiles: laplacian_scores(tiles.float()).cpu(), grid).numpy()
+    full = tensor2img(engine.backbone_full(lr).cpu(), rgb2bgr=True, min_max=(0, 1))
+    full_psnr = float(calculate_psnr(full, gt, engine.scale, test_y_channel=True))
+    full_cost = full_image_cost(full_coefficients, *lr.shape[-2:]) if full_coefficients else None
+    return ImageTiles(name, lr, gt, grid, sr_tiles, errors, pixels, logits, edge.astype(np.float64), full_psnr,
+                      full_cost)
+
+
+def merge(image: ImageTiles, weights: torch.Tensor, scale: int) -> np.ndarray:
+    """The uint8 BGR image whose tile ``t`` is ``sum_j weights[t, j] * branch_j(t)`` (one-hot: a routing),
+    merged as the engine merges (overlaps averaged)."""
+    merger = PatchMerger(image.grid, scale, channels=3)
+    tiles = torch.einsum('nm,mnchw->nchw', weights.to(image.sr_tiles.dtype), image.sr_tiles)
+    merger.add(None, tiles)
+    return tensor2img(merger.result(), rgb2bgr=True, min_max=(0, 1))
+
+
+def psnr_of(image: ImageTiles, labels: np.ndarray, scale: int) -> float:
+    """BasicSR's Y PSNR (crop ``scale``) of the image routed by ``labels``."""
+    weights = torch.nn.functional.one_hot(torch.as_tensor(labels, dtype=torch.long), image.sr_tiles.shape[0])
+    return float(calculate_psnr(merge(image, weights.float(), scale), image.gt, scale, test_y_channel=True))
+
+
+@dataclass
+class RouterPoint:
+    """One router at one budget, over the whole set."""
+
+    router: str
+    budget: Optional[float]  # None: the router's own choice (the classifier's argmax)
+    psnr: float  # mean over images of the merged image's Y PSNR
+    flops_fraction: float  # mean per-tile cost / the largest branch's, the router's own cost included
+    class_shares: list[float]
+    regret: Optional[float] = None  # oracle PSNR - this PSNR at the same budget
+    ssim: Optional[float] = None  # BasicSR's SSIM on Y (computed for the classifier's argmax only)
+
+
+@dataclass
+class Analysis:
+    """Everything ``analyze`` measured; ``to_dict`` is the JSON layout."""
+
+    images: list[str]
+    tiles: int
+    convention: str
+    branch_costs: list[float]  # per tile, in the convention
+    router_costs: dict[str, float]  # per tile, each router's own cost
+    branch_class_psnr: list[list[float]]  # [branch][difficulty class]
+    class_psnr_bounds: list[tuple[float, float]]  # largest branch's tile PSNR range per class
+    points: list[RouterPoint] = field(default_factory=list)
+    backbone_patchwise_psnr: Optional[float] = None
+    backbone_full_psnr: Optional[float] = None
+    backbone_full_flops_fraction: Optional[float] = None  # its cost per tile / the largest branch's
+    soft_psnr: Optional[float] = None
+    hard_psnr: Optional[float] = None
+    spearman: Optional[float] = None
+    mean_max_probability: Optional[float] = None  # the classifier's confidence on the test tiles
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
+
+
+def _largest_first_classes(psnr: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class per tile by rank of ``psnr``: the highest ``1/M`` is class 0 (simple) ... lowest is M-1."""
+    order = np.argsort(-psnr, kind='stable')
+    labels = np.empty(len(psnr), dtype=np.int64)
+    for label, members in enumerate(np.array_split(order, num_classes)):
+        labels[members] = label
+    return labels
+
+
+def branch_class_table(images: Sequence[ImageTiles]) -> tuple[list[list[float]], list[tuple[float, float]]]:
+    """PSNR of each branch (rows) on each difficulty class of tiles (columns); classes by the largest
+    branch's tile PSNR over the whole set. Also the largest branch's PSNR range per class."""
+    errors = np.concatenate([image.squared_error for image in images])
+    pixels = np.concatenate([image.pixels for image in images])
+    psnr = np.concatenate([image.tile_psnr() for image in images])
+    classes = _largest_first_classes(psnr[:, -1], errors.shape[1])
+    table = [[
+        float(10 * math.log10(255.0**2 * pixels[classes == k].sum() / errors[classes == k, j].sum()))
+        for k in range(errors.shape[1])
+    ] for j in range(errors.shape[1])]
+    bounds = [(float(psnr[classes == k, -1].min()), float(psnr[classes == k, -1].max()))
+              for k in range(errors.shape[1])]
+    return table, bounds
+
+
+def router_scores(image: ImageTiles, router: str, seed: int = 0) -> np.ndarray:
+    """(N, M) scores whose cost-aware argmax is the router's decision (see the module docstring)."""
+    num_classes = image.squared_error.shape[1]
+    if router == 'oracle':
+        return -image.squared_error / image.pixels[:, None]
+    if router == 'learned':
+        if image.logits is None:
+            raise ValueError('the learned router needs the classifier logits (a network with a trained classifier)')
+        return image.logits
+    if router == 'laplacian':
+        z = (image.edge - image.edge.mean()) / (image.edge.std() + 1e-12)
+        return z[:, None] * np.arange(num_classes)[None, :]
+    if router == 'random':
+        return np.random.default_rng(seed).standard_normal(image.squared_error.shape)
+    raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
+
+
+def _point(router: str, budget: Optional[float], images: Sequence[ImageTiles], labels: list[np.ndarray],
+           per_class: np.ndarray, largest: float, scale: int) -> RouterPoint:
+    psnr = float(np.mean([psnr_of(image, label, scale) for image, label in zip(images, labels)]))
+    every = np.concatenate(labels)
+    shares = np.bincount(every, minlength=len(per_class)) / len(every)
+    return RouterPoint(router, budget, psnr, float(per_class[every].mean() / largest), shares.round(4).tolist())
+
+
+def analyze(images: Sequence[ImageTiles],
+            table: CostTable,
+            scale: int,
+            budgets: Sequence[float] = DEFAULT_BUDGETS,
+            routers: Sequence[str] = ROUTERS,
+            convention: str = 'paper',
+            seed: int = 0,
+            progress: Callable[[str], None] = lambda message: None) -> Analysis:
+    """Compare the routers on ``images`` (see the module docstring)."""
+    branch_costs = np.asarray([branch.value(convention) for branch in table.branches], dtype=np.float64)
+    largest = float(branch_costs.max())
+    patch_pixels = table.patch * table.patch
+    overheads = {
+        'oracle': 0.0, 'random': 0.0, 'learned': float(table.classifier.value(convention)),
+        'laplacian': float(LAPLACIAN_MACS_PER_PIXEL * patch_pixels * (2 if convention == 'paper' else 1))
+    }
+    matrix, bounds = branch_class_table(images)
+    result = Analysis([image.name for image in images], int(sum(len(image.grid) for image in images)), convention,
+                      branch_costs.tolist(), {router: overheads[router]
+                                              for router in routers}, matrix, bounds)
+    oracle: dict[float, float] = {}
+    for router in routers:
+        per_class = branch_costs + overheads[router]
+        for budget in budgets:
+            progress(f'{router} at budget {budget}')
+            with np.errstate(all='ignore'):
+                labels = [
+                    solve_budget(
+                        torch.from_numpy(router_scores(image, router, seed + index)), per_class, largest,
+                        budget).labels.numpy() for index, image in enumerate(images)
+                ]
+            point = _point(router, budget, images, labels, per_class, largest, scale)
+            if router == 'oracle':
+                oracle[budget] = point.psnr
+            point.regret = oracle[budget] - point.psnr if budget in oracle else None
+            result.points.append(point)
+    if 'learned' in routers:
+        _classifier_measures(result, images, branch_costs + overheads['learned'], largest, scale)
+    num = len(branch_costs)
+    backbone = [np.full(len(image.grid), num - 1) for image in images]
+    result.backbone_patchwise_psnr = float(np.mean([psnr_of(i, b, scale) for i, b in zip(images, backbone)]))
+    result.backbone_full_psnr = float(np.mean([image.full_psnr for image in images]))
+    if all(image.full_cost for image in images):
+        full = sum(image.full_cost[convention] for image in images)
+        result.backbone_full_flops_fraction = float(full / (result.tiles * largest))
+    return result
+
+
+def _classifier_measures(result: Analysis, images: Sequence[ImageTiles], per_class: np.ndarray, largest: float,
+                         scale: int) -> None:
+    """The classifier's own argmax, its soft-vs-hard gap and the Spearman correlation of its preference."""
+    from scipy.stats import spearmanr
+    argmax = [image.logits.argmax(axis=1) for image in images]
+    point = _point('learned', None, images, argmax, per_class, largest, scale)
+    one_hot = [torch.nn.functional.one_hot(torch.from_numpy(labels), per_class.size).float() for labels in argmax]
+    point.ssim = float(
+        np.mean([
+            calculate_ssim(merge(image, weights, scale), image.gt, scale, test_y_channel=True)
+            for image, weights in zip(images, one_hot)
+        ]))
+    result.points.append(point)
+    result.hard_psnr = point.psnr
+    soft = []
+    for image in images:
+        probs = torch.softmax(torch.from_numpy(image.logits), dim=1).float()
+        soft.append(calculate_psnr(merge(image, probs, scale), image.gt, scale, test_y_channel=True))
+    result.soft_psnr = float(np.mean(soft))
+    logits = np.concatenate([image.logits for image in images])
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    result.mean_max_probability = float(probs.max(axis=1).mean())
+    preference = probs @ np.arange(logits.shape[1])
+    errors = np.concatenate([image.squared_error / image.pixels[:, None] for image in images])
+    gain = errors[:, 0] - errors[:, -1]  # what the largest branch saves over the smallest (MSE, as the oracle)
+    result.spearman = float(spearmanr(preference, gain).statistic) if np.ptp(preference) > 0 else 0.0
