@@ -129,30 +129,30 @@ class FLOPsRegLoss(nn.Module):
     Args:
         alpha: target fraction of the backbone's FLOPs, in (0, 1].
         loss_weight: multiplies the loss (``lambda_reg`` of CDNSR eq. 4).
-        on: ``probs`` (eq. 2 as printed: the classifier's probabilities) or ``sample`` (the routing weights
+        apply_to: ``probs`` (eq. 2 as printed: the classifier's probabilities) or ``sample`` (the routing weights
             of the forward pass, the Gumbel-softmax sample, as CDNSR's reference code applies it).
         units: ``fraction`` (eq. 3) or ``reference``: the hinge divided by ``(C_max - C_min)`` in GFLOPs and
             by 1000, the reference code's scale relative to a unit-weight L1 (it weights its L1 by 1000), so
             that the paper's ``lambda_reg = 2e-4`` means there what it meant in the reference.
 
     Raises:
-        ValueError: ``alpha`` outside (0, 1] or an unknown ``on`` / ``units``; in ``forward``, ``costs`` not M
+        ValueError: ``alpha`` outside (0, 1] or an unknown ``apply_to`` / ``units``; in ``forward``, ``costs`` not M
             positive numbers.
     """
 
     def __init__(self,
                  alpha: float = 0.55,
                  loss_weight: float = 1.0,
-                 on: str = 'probs',
+                 apply_to: str = 'probs',
                  units: str = 'fraction') -> None:
         super().__init__()
         self.alpha = _check_fraction(alpha, 'FLOPsRegLoss', 'alpha')
-        if on not in ('probs', 'sample') or units not in ('fraction', 'reference'):
-            raise ValueError(f"FLOPsRegLoss: on must be 'probs' or 'sample' and units 'fraction' or 'reference', "
-                             f'got on={on!r}, units={units!r}')
+        if apply_to not in ('probs', 'sample') or units not in ('fraction', 'reference'):
+            raise ValueError(f"FLOPsRegLoss: apply_to must be 'probs' or 'sample' and units 'fraction' or 'reference', "
+                             f'got apply_to={apply_to!r}, units={units!r}')
         self.loss_weight = float(loss_weight)
-        self.on, self.units = on, units
-        self.routing_inputs = ('weights' if on == 'sample' else 'probs', 'costs')
+        self.apply_to, self.units = apply_to, units
+        self.routing_inputs = ('weights' if apply_to == 'sample' else 'probs', 'costs')
 
     def forward(self, probs: Tensor, costs: Union[Tensor, Sequence[float]]) -> Tensor:
         """``probs``: probabilities or routing weights (B, M); ``costs``: the branches' paper FLOPs, in order."""
@@ -191,7 +191,7 @@ class DualFLOPsLoss(nn.Module):
         initial_price: lambda at the start, > 0; 0.01 is the scale of what a larger branch saves in L1 on
             [0, 1] images per patch.
         loss_weight: multiplies the loss.
-        on: ``sample`` (the routing weights of the forward pass, e.g. the Gumbel sample) or ``probs``.
+        apply_to: ``sample`` (the routing weights of the forward pass, e.g. the Gumbel sample) or ``probs``.
     """
 
     def __init__(self,
@@ -199,15 +199,15 @@ class DualFLOPsLoss(nn.Module):
                  step: float = 0.005,
                  initial_price: float = 0.01,
                  loss_weight: float = 1.0,
-                 on: str = 'sample') -> None:
+                 apply_to: str = 'sample') -> None:
         super().__init__()
         self.alpha = _check_fraction(alpha, 'DualFLOPsLoss', 'alpha')
-        if step <= 0 or initial_price <= 0 or on not in ('probs', 'sample'):
-            raise ValueError(f"DualFLOPsLoss: step and initial_price must be > 0 and on 'probs' or 'sample', got "
-                             f'step={step}, initial_price={initial_price}, on={on!r}')
+        if step <= 0 or initial_price <= 0 or apply_to not in ('probs', 'sample'):
+            raise ValueError(f"DualFLOPsLoss: step and initial_price must be > 0 and apply_to 'probs' or 'sample', got "
+                             f'step={step}, initial_price={initial_price}, apply_to={apply_to!r}')
         self.step, self.loss_weight = float(step), float(loss_weight)
         self.register_buffer('price', torch.tensor(float(initial_price), dtype=torch.float64))
-        self.routing_inputs = ('weights' if on == 'sample' else 'probs', 'probs', 'costs')
+        self.routing_inputs = ('weights' if apply_to == 'sample' else 'probs', 'probs', 'costs')
 
     def forward(self, weights: Tensor, probs: Tensor, costs: Union[Tensor, Sequence[float]]) -> Tensor:
         _check_probs(weights, 'DualFLOPsLoss')

@@ -100,7 +100,7 @@ def test_flops_reg_on_the_sample_and_in_the_reference_units():
     costs = torch.tensor([1e8, 2e8, 4e8])  # paper FLOPs
     probs = torch.tensor([[0.0, 0.0, 1.0]])
     sample = torch.tensor([[1.0, 0.0, 0.0]])
-    on_sample = FLOPsRegLoss(alpha=0.5, on='sample')
+    on_sample = FLOPsRegLoss(alpha=0.5, apply_to='sample')
     assert on_sample.routing_inputs == ('weights', 'costs')
     assert on_sample(sample, costs).item() == 0  # the sample, not the probabilities, pays: 0.25 < 0.5
     assert FLOPsRegLoss(alpha=0.5)(probs, costs).item() == pytest.approx(0.5)

@@ -8,10 +8,10 @@ from helpers import REPO
 
 def test_schedule_data_and_logging_of_a_staged_file(tmp_path):
     opt = load_options(REPO / 'options' / 'demo' / 'train_CDNSR_FSRCNN_demo.yml')
-    assert set_schedule(opt, [3, 4, 5, 6]) == 18
-    assert [stage['iters'] for stage in opt['train']['stages']] == [3, 4, 5, 6] and opt['train']['total_iter'] == 18
-    assert set_schedule(opt, 2) == 8
-    with pytest.raises(ValueError, match='3 stage lengths for 4 stages'):
+    assert set_schedule(opt, [3, 4, 5, 6, 7]) == 25
+    assert [stage['iters'] for stage in opt['train']['stages']] == [3, 4, 5, 6, 7] and opt['train']['total_iter'] == 25
+    assert set_schedule(opt, 2) == 10
+    with pytest.raises(ValueError, match='3 stage lengths for 5 stages'):
         set_schedule(opt, [1, 2, 3])
     set_data(opt, train=('t/lq.lmdb', 't/gt.lmdb'), val=('v/lq', 'v/gt'), batch=5)
     train, val = opt['datasets']['train'], opt['datasets']['val']
