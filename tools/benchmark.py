@@ -10,10 +10,15 @@ median of ``--runs`` runs, in this order, on the same input and labels:
   ``--max-batch``, streamed merge). With ``--mix`` the classes are forced (patches ranked by their
   Laplacian edge score: the flattest ``mix[0]`` share goes to branch 0, ...), so engine speed is
   measured independently of how well a classifier was trained; the classifier still runs, as it would.
-* ``backbone patch-wise``: every tile through the largest branch (same tiles, no classifier).
+* ``backbone patch-wise``: every tile through the largest branch, no classifier; always the papers' tiling
+  (32/28, overlaps averaged), whatever ``--tiling`` the routed run uses.
 * ``backbone full``: the largest branch on the whole image (``--skip-full`` for 8K inputs: its feature
   maps need tens of GB).
 * ``per-patch loop`` (``--loop``): ClassSR's tester, one tile per forward pass, same labels.
+
+With ``--tiling regions`` (cells classified, rectangles executed with ``--halo`` pixels of real context;
+``cdnsr_plugin.inference.regions``) the routed FLOPs are what ran (each branch's cost per pixel x the pixels
+its regions processed, halos included, plus the classifier), and the processed / image pixel ratio is printed.
 
 Ratios printed: routed / backbone time and FLOPs (paper convention and MACs, classifier included), and
 the engine efficiency = time ratio / FLOPs ratio (1.0 = wall-clock tracks FLOPs exactly). Peak memory is
@@ -23,6 +28,7 @@ the process's peak resident set (CPU) or CUDA allocation during the routed run.
 Weights do not change timings; without ``--checkpoint`` the network is randomly initialised.
 """
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -33,7 +39,8 @@ import torch
 from basicsr.archs import build_network
 
 import cdnsr_plugin  # noqa: F401
-from cdnsr_plugin.inference.costs import CONVENTIONS, cost_table, full_image_cost
+from cdnsr_plugin.inference.costs import (CONVENTIONS, cost_table, executed_cost, full_image_coefficients,
+                                          full_image_cost)
 from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
 from cdnsr_plugin.inference.laplacian import laplacian_scores
 from cdnsr_plugin.inference.policies import forced_mix_labels
@@ -62,6 +69,8 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--loop', action='store_true', help='also time the one-tile-per-pass loop')
     parser.add_argument('--skip-full', action='store_true', help='skip the full-image backbone (huge inputs)')
+    parser.add_argument('--tiling', choices=('paper', 'regions'), default='paper', help='routed run (default paper)')
+    parser.add_argument('--halo', type=int, help='regions: context per side (default: measured receptive radius)')
     parser.add_argument('--json', type=Path, help='also write the results here')
     return parser.parse_args(argv)
 
@@ -96,12 +105,16 @@ def labels_for(engine: RoutedEngine, lr: torch.Tensor, mix) -> torch.Tensor:
     return forced_mix_labels(scores, mix)
 
 
-def costs(table, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    counts = torch.bincount(labels, minlength=num_classes).tolist()
+def costs(table, labels: torch.Tensor, engine: RoutedEngine, coefficients) -> dict[str, float]:
+    """Routed cost of the last render: per tile (paper tiling) or what ran (regions)."""
+    if engine.options.tiling == 'regions':
+        plan, m = engine.last_plan, engine.num_classes
+        return executed_cost(plan.processed(m), plan.passes(m), coefficients, len(labels), table.classifier)
+    counts = torch.bincount(labels, minlength=engine.num_classes).tolist()
     return {c: table.routed(counts, c) * len(labels) for c in CONVENTIONS}
 
 
-def bench_image(engine: RoutedEngine, table, lr: torch.Tensor, args) -> dict:
+def bench_image(engine: RoutedEngine, paper: RoutedEngine, table, coefficients, lr: torch.Tensor, args) -> dict:
     mix = [float(v) for v in args.mix.split(',')] if args.mix else None
     grid = engine.grid(lr)
     labels = labels_for(engine, lr, mix)
@@ -117,9 +130,12 @@ def bench_image(engine: RoutedEngine, table, lr: torch.Tensor, args) -> dict:
     }
     routed()  # warm-up (allocator, one-time kernels)
     row['routed_s'], row['routed_peak_mb'] = timed(routed, runs, device)
-    row['patch_s'], row['patch_peak_mb'] = timed(lambda: engine.backbone_patchwise(lr, grid), runs, device)
-    largest = {c: table.largest(c) * len(grid) for c in CONVENTIONS}
-    routed_flops = costs(table, labels, engine.num_classes)
+    routed_flops = costs(table, labels, engine, coefficients)
+    if engine.last_plan is not None and engine.options.tiling == 'regions':
+        row['pixel_ratio'] = engine.last_plan.pixel_ratio()
+    paper_grid = paper.grid(lr)
+    row['patch_s'], row['patch_peak_mb'] = timed(lambda: paper.backbone_patchwise(lr, paper_grid), runs, device)
+    largest = {c: table.largest(c) * len(paper_grid) for c in CONVENTIONS}
     row['flops_ratio_patch'] = {c: routed_flops[c] / largest[c] for c in CONVENTIONS}
     if not args.skip_full:
         row['full_s'], row['full_peak_mb'] = timed(lambda: engine.backbone_full(lr), runs, device)
@@ -140,7 +156,7 @@ def bench_image(engine: RoutedEngine, table, lr: torch.Tensor, args) -> dict:
 def print_table(rows: dict, args, table) -> None:
     mix = args.mix or 'classifier argmax'
     print(f'\n{args.network.name}: LR {args.lr_size}, {args.threads} threads, median of {args.runs}, max_batch '
-          f'{args.max_batch or "default"}, channels_last {not args.no_channels_last}, mix {mix}')
+          f'{args.max_batch or "default"}, channels_last {not args.no_channels_last}, mix {mix}, tiling {args.tiling}')
     header = (f"{'image':<18}{'tiles':>6}{'routed s':>10}{'patch s':>9}{'t ratio':>9}{'F ratio':>9}{'eff.':>7}"
               f"{'full s':>9}{'t/full':>8}{'F/full':>8}{'loop s':>9}{'loop/rt':>8}{'peak MB':>9}")
     print(header)
@@ -154,7 +170,8 @@ def print_table(rows: dict, args, table) -> None:
         else:
             line += f"{'-':>9}{'-':>8}{'-':>8}"
         line += f"{r['loop_s']:>9.2f}{r['loop_s'] / r['routed_s']:>8.1f}" if 'loop_s' in r else f"{'-':>9}{'-':>8}"
-        print(line + f"{r['routed_peak_mb']:>9.0f}")
+        print(line + f"{r['routed_peak_mb']:>9.0f}" +
+              (f"  pixels x{r['pixel_ratio']:.2f}" if 'pixel_ratio' in r else ''))
         if 'max_batch_sweep' in r:
             sweep = ', '.join(f'{size}: {seconds:.3f}s' for size, seconds in r['max_batch_sweep'].items())
             print(f'   render time by max_batch: {sweep}')
@@ -171,11 +188,14 @@ def main(argv=None) -> int:
     if args.checkpoint:
         load_weights(net, args.checkpoint)
     table = cost_table(net, patch=32)
-    options = EngineOptions(max_batch=args.max_batch, channels_last=not args.no_channels_last)
+    options = EngineOptions(
+        max_batch=args.max_batch, channels_last=not args.no_channels_last, tiling=args.tiling, halo=args.halo)
     engine = RoutedEngine(net, options, args.device)
+    paper = RoutedEngine(net, dataclasses.replace(options, tiling='paper'), args.device)
+    coefficients = [full_image_coefficients(branch) for branch in net.branches]
     rows = {}
     for name, lr in load_inputs(args.images, args.limit, (height, width)):
-        rows[name] = bench_image(engine, table, lr.to(engine.device), args)
+        rows[name] = bench_image(engine, paper, table, coefficients, lr.to(engine.device), args)
         print(f'{name}: done', file=sys.stderr)
     print_table(rows, args, table)
     if args.json:

@@ -254,3 +254,24 @@ def full_image_cost(net_or_coefficients: nn.Module | dict,
         net_or_coefficients if isinstance(net_or_coefficients, dict) else full_image_coefficients(
             net_or_coefficients, probe))
     return {convention: a * height * width + b for convention, (a, b) in coefficients.items()}
+
+
+def executed_cost(processed: np.ndarray | list[int], passes: np.ndarray | list[int], coefficients: list[dict],
+                  tiles: int, classifier: Optional[Cost]) -> dict[str, float]:
+    """What a routed run with tiling ``regions`` executed, both conventions: per branch ``a * pixels + b *
+    passes`` (``full_image_coefficients`` of the branch; exact for convolutional networks, whose cost is linear
+    in the pixels they process; ``b`` holds the size-independent terms, e.g. RCAN's channel attention, once per
+    region) plus the classifier on every tile.
+
+    Args:
+        processed: LR pixels each branch processed, halos included (``Plan.processed``).
+        passes: regions each branch ran (``Plan.passes``).
+        coefficients: ``full_image_coefficients`` of each branch.
+        tiles: tiles the classifier saw; ``classifier``: its per-tile cost (``CostTable.classifier``), or None.
+    """
+    result = {}
+    for convention in CONVENTIONS:
+        total = sum(c[convention][0] * pixels + c[convention][1] * count
+                    for c, pixels, count in zip(coefficients, processed, passes))
+        result[convention] = float(total + (tiles * classifier.value(convention) if classifier else 0))
+    return result

@@ -38,7 +38,9 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from cdnsr_plugin.inference.costs import full_image_coefficients
 from cdnsr_plugin.inference.policies import check_labels
+from cdnsr_plugin.inference.regions import Plan, cell_grid, plan_regions, receptive_radius
 from cdnsr_plugin.inference.tiling import PatchGrid, extract, super_resolve_patches
 
 Decision = Callable[[torch.Tensor], torch.Tensor]  # logits (N, M) -> labels (N,)
@@ -51,6 +53,7 @@ PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat
 # tools/benchmark.py --device cuda --max-batch-sweep 32,64,128,256,512.
 DEFAULT_MAX_BATCH = {'cpu': 16, 'cuda': 128}
 DEFAULT_CHUNK = 1024  # tiles cut, classified and merged per step
+TILINGS = ('paper', 'regions')
 
 
 def default_max_batch(device: torch.device | str) -> int:
@@ -69,6 +72,12 @@ class EngineOptions:
         chunk: tiles cut from the image and merged per step (bounds memory).
         channels_last: run convolutions in channels-last memory format.
         precision: ``fp32``, or ``fp16`` / ``bf16`` on CUDA.
+        tiling: ``paper`` (tiles at ``stride``, zero padding at every tile border, overlaps averaged: the
+            papers' protocol) or ``regions`` (non-overlapping ``patch`` cells classified, rectangles of cells
+            executed with ``halo`` pixels of real context; ``cdnsr_plugin.inference.regions``).
+        halo: ``regions`` only: LR pixels of context per side; ``None``: the largest branch's measured
+            receptive-field radius (``receptive_radius``), which makes the result equal the whole image's.
+        max_region: ``regions`` only: largest region side, in cells.
     """
 
     patch: int = 32
@@ -77,18 +86,21 @@ class EngineOptions:
     chunk: int = DEFAULT_CHUNK
     channels_last: bool = True
     precision: str = 'fp32'
+    tiling: str = 'paper'
+    halo: Optional[int] = None
+    max_region: int = 8
 
     @classmethod
     def from_val(cls, val_opt: Optional[dict]) -> 'EngineOptions':
         """The ``val`` section's ``patch``, ``stride``, ``max_batch``, ``channels_last`` and ``precision``
         (the defaults above where absent): how validation and ``tools/test_patches.py`` read them."""
         val_opt = val_opt or {}
-        names = ('patch', 'stride', 'max_batch', 'channels_last', 'precision')
+        names = ('patch', 'stride', 'max_batch', 'channels_last', 'precision', 'tiling', 'halo', 'max_region')
         return cls(**{name: val_opt[name] for name in names if val_opt.get(name) is not None})
 
     def validate(self, device: torch.device) -> None:
         """Raise ``ValueError`` naming the first option that is out of range for ``device``."""
-        for name in ('patch', 'stride', 'max_batch', 'chunk'):
+        for name in ('patch', 'stride', 'max_batch', 'chunk', 'max_region'):
             value = getattr(self, name)
             if name == 'max_batch' and value is None:
                 continue
@@ -96,6 +108,10 @@ class EngineOptions:
                 raise ValueError(f'{name} must be a positive integer, got {value!r}')
         if self.stride > self.patch:
             raise ValueError(f'stride ({self.stride}) must be <= patch ({self.patch}) or pixels would be left out')
+        if self.tiling not in TILINGS:
+            raise ValueError(f'tiling must be one of {TILINGS}, got {self.tiling!r}')
+        if self.halo is not None and (not isinstance(self.halo, int) or isinstance(self.halo, bool) or self.halo < 0):
+            raise ValueError(f'halo must be an integer >= 0 (or empty for the measured radius), got {self.halo!r}')
         if self.precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}')
         if self.precision != 'fp32' and device.type != 'cuda':
@@ -111,6 +127,7 @@ class RoutedResult:
     labels: torch.Tensor  # (N,) class per tile, on the CPU
     logits: torch.Tensor  # (N, M) float32, on the CPU
     grid: PatchGrid
+    plan: Optional[Plan] = None  # the executed regions (tiling ``regions``)
 
 
 def _resolved(device: torch.device) -> torch.device:
@@ -154,6 +171,25 @@ class RoutedEngine:
             net = copy.deepcopy(net).to(device=self.device, dtype=self.dtype)
         self.net = net
         self.scale, self.num_classes = net.scale, net.num_classes
+        self._halo = options.halo
+        self._per_pixel: Optional[list[float]] = None
+        self.last_plan: Optional[Plan] = None
+
+    @property
+    def per_pixel(self) -> list[float]:
+        """Each branch's cost per LR pixel in MACs (ptflops on the whole-image model ``a * pixels + b``),
+        measured once; what the region planner weighs and executed-cost reports multiply."""
+        if self._per_pixel is None:
+            self._per_pixel = [full_image_coefficients(branch)['macs'][0] for branch in self.net.branches]
+        return self._per_pixel
+
+    @property
+    def halo(self) -> int:
+        """Context per region side (``regions``): the option, else the largest branch's receptive radius,
+        measured once."""
+        if self._halo is None:
+            self._halo = receptive_radius(self.net.branches[-1], size=max(64, 4 * self.options.patch))
+        return self._halo
 
     # ------------------------------------------------------------------ helpers
     @contextmanager
@@ -183,7 +219,10 @@ class RoutedEngine:
     def grid(self, lr: torch.Tensor) -> PatchGrid:
         """The tile layout of ``lr`` (every pixel covered)."""
         image = self._image(lr)
-        return PatchGrid.for_image(image.shape[-2], image.shape[-1], self.options.patch, self.options.stride)
+        height, width = image.shape[-2:]
+        if self.options.tiling == 'regions':
+            return cell_grid(height, width, self.options.patch)
+        return PatchGrid.for_image(height, width, self.options.patch, self.options.stride)
 
     def map_tiles(self,
                   lr: torch.Tensor,
@@ -205,12 +244,17 @@ class RoutedEngine:
 
     def render(self, lr: torch.Tensor, labels: torch.Tensor, grid: Optional[PatchGrid] = None) -> torch.Tensor:
         """SR image (C, H*scale, W*scale), float32, with tile ``k`` run by branch ``labels[k]``."""
+        if self.options.tiling == 'regions':
+            return self._run_regions(lr, labels, batched=True)
         return self._merge_tiles(
             lr, labels, grid,
             lambda tiles, chunk_labels: self.net.route(tiles, chunk_labels.to(self.device), max_batch=self.max_batch))
 
     def render_loop(self, lr: torch.Tensor, labels: torch.Tensor, grid: Optional[PatchGrid] = None) -> torch.Tensor:
-        """As ``render``, but one tile per forward pass (ClassSR's tester): the reference and baseline."""
+        """As ``render``, but one tile (or region) per forward pass (ClassSR's tester): the reference and
+        baseline."""
+        if self.options.tiling == 'regions':
+            return self._run_regions(lr, labels, batched=False)
         return self._merge_tiles(
             lr, labels, grid, lambda tiles, chunk_labels: torch.cat(
                 [self.net.branches[j](tiles[i:i + 1]) for i, j in enumerate(chunk_labels.tolist())]))
@@ -231,7 +275,43 @@ class RoutedEngine:
         """Classify every tile, route by ``decide(logits)`` (default: the argmax) and render."""
         logits, grid = self.classify(lr)
         labels = decide(logits).cpu()
-        return RoutedResult(self.render(lr, labels, grid), labels, logits, grid)
+        sr = self.render(lr, labels, grid)
+        return RoutedResult(sr, labels, logits, grid, self.last_plan if self.options.tiling == 'regions' else None)
+
+    def plan(self, lr: torch.Tensor, labels: torch.Tensor, per_pixel: Optional[list[float]] = None) -> Plan:
+        """The regions that ``render`` executes for ``labels`` (tiling ``regions``); with each branch's cost
+        per pixel (``per_pixel``), isolated cells are promoted to a larger branch where that is cheaper."""
+        image = self._image(lr)
+        height, width = image.shape[-2:]
+        grid = cell_grid(height, width, self.options.patch)
+        labels = check_labels(torch.as_tensor(labels, dtype=torch.long).reshape(-1), self.num_classes, len(grid))
+        per_pixel = per_pixel if per_pixel is not None else self.per_pixel
+        return plan_regions(labels, height, width, self.options.patch, self.halo, self.options.max_region, per_pixel)
+
+    def _run_regions(self, lr: torch.Tensor, labels: torch.Tensor, batched: bool) -> torch.Tensor:
+        """Execute the plan: regions grouped by branch and input shape, batched up to ``max_batch`` tiles'
+        worth of pixels per pass; only each region's interior is written (no averaging)."""
+        image = self._image(lr)
+        plan = self.plan(image, labels)
+        self.last_plan = plan
+        s = self.scale
+        out = torch.zeros(image.shape[0], plan.height * s, plan.width * s, dtype=torch.float32, device=image.device)
+        groups: dict[tuple, list] = {}
+        for region in plan.regions:
+            groups.setdefault((region.branch, region.input_shape), []).append(region)
+        budget = self.max_batch * self.options.patch**2
+        with self._running():
+            for (branch, (height, width)), regions in groups.items():
+                per_pass = max(1, budget // (height * width)) if batched else 1
+                for start in range(0, len(regions), per_pass):
+                    batch = regions[start:start + per_pass]
+                    inputs = torch.stack([image[:, r.iy0:r.iy1, r.ix0:r.ix1] for r in batch])
+                    sr = self.net.branches[branch](self._prepare(inputs)).float()
+                    for r, result in zip(batch, sr):
+                        rows = slice((r.y0 - r.iy0) * s, (r.y1 - r.iy0) * s)  # the interior, halo dropped
+                        cols = slice((r.x0 - r.ix0) * s, (r.x1 - r.ix0) * s)
+                        out[:, r.y0 * s:r.y1 * s, r.x0 * s:r.x1 * s] = result[:, rows, cols]
+        return out
 
     def _merge_tiles(self, lr: torch.Tensor, labels: torch.Tensor, grid: Optional[PatchGrid],
                      run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument('--stride', type=int, help='step between tiles (default 28)')
     engine.add_argument('--max-batch', type=int, help='largest batch per branch pass (default 16 on CPU, 128 on CUDA)')
     engine.add_argument('--no-channels-last', action='store_true', help='keep the default memory format')
+    engine.add_argument(
+        '--tiling',
+        choices=('paper', 'regions'),
+        help='paper: tiles at --stride, overlaps averaged (the papers); regions: cells classified, rectangles '
+        'executed with real context (--halo), nothing averaged (default: paper)')
+    engine.add_argument(
+        '--halo', type=int, help='regions: LR pixels of context per side (default: the measured receptive radius)')
     engine.add_argument('--precision', choices=sorted(PRECISIONS), help='fp16/bf16 need CUDA (default fp32)')
     engine.add_argument('--device', help='cpu, cuda, cuda:1 or auto (default: option num_gpu, else auto)')
     engine.add_argument('--threads', type=int, help='CPU threads for torch (default: torch\'s choice)')
@@ -297,7 +304,10 @@ def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def _engine_options(args: argparse.Namespace, val: dict) -> EngineOptions:
     """The ``val`` keys as validation reads them (``EngineOptions.from_val``), then the flags over them."""
-    flags = {'patch': args.patch, 'stride': args.stride, 'max_batch': args.max_batch, 'precision': args.precision}
+    flags = {
+        'patch': args.patch, 'stride': args.stride, 'max_batch': args.max_batch, 'precision': args.precision,
+        'tiling': args.tiling, 'halo': args.halo
+    }
     options = dataclasses.replace(EngineOptions.from_val(val), **{k: v for k, v in flags.items() if v is not None})
     return dataclasses.replace(options, channels_last=False) if args.no_channels_last else options
 

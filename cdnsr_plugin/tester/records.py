@@ -50,6 +50,7 @@ class ImageRecord:
     peak_memory_mb: Optional[float]
     sr_path: Optional[str] = None
     overlay_path: Optional[str] = None
+    pixel_ratio: Optional[float] = None  # tiling regions: processed LR pixels (halos included) / image pixels
 
 
 @dataclass

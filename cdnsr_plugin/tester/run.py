@@ -11,7 +11,10 @@ FLOPs accounting (per image, both conventions): a routed setting costs ``sum_j c
 (the classifier runs on every tile; the Laplacian router's ~8 MACs per pixel replace it);
 ``backbone patch-wise`` costs ``N * C_largest``; ``backbone full image`` costs the largest branch on the
 whole image, extrapolated exactly from two probe sizes (``inference.costs.full_image_cost``), i.e. without
-the ``(32/28)^2`` overlap of tiles. ``per_patch`` divides every total by the same tile count ``N``.
+the ``(32/28)^2`` overlap of tiles. ``per_patch`` divides every total by the same tile count ``N``. With
+``--tiling regions`` routed and patch-wise settings cost what ran (``inference.costs.executed_cost``: each
+branch's cost per pixel x the pixels its regions processed, halos included, plus the classifier or router on
+every tile), and each record holds ``pixel_ratio``, the processed / image pixels.
 """
 from __future__ import annotations
 
@@ -30,10 +33,12 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 from tqdm import tqdm
 
-from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table, full_image_coefficients, full_image_cost
+from cdnsr_plugin.inference.costs import (CONVENTIONS, CostTable, cost_table, executed_cost, full_image_coefficients,
+                                          full_image_cost)
 from cdnsr_plugin.inference.engine import RoutedEngine
 from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, LaplacianRouter
 from cdnsr_plugin.inference.policies import cost_aware_labels, solve_budget
+from cdnsr_plugin.inference.regions import Plan
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.config import DatasetSpec, Setting, TestConfig
 from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, SettingResult
@@ -167,6 +172,21 @@ def flops_of(setting: Setting, counts: list[int], table: CostTable, router_cost:
     return result
 
 
+def executed_flops(setting: Setting, plan: Plan, tiles: int, table: CostTable, router_cost: Optional[dict[str, float]],
+                   coefficients: list[dict]) -> dict[str, Flops]:
+    """What a ``regions`` run executed (``inference.costs.executed_cost``); per tile and % of the largest
+    branch per tile over the same ``tiles`` as ``flops_of``, so both modes compare in one table."""
+    classifier = table.classifier if setting.kind == 'routed' and router_cost is None else None
+    totals = executed_cost(
+        plan.processed(len(table.branches)), plan.passes(len(table.branches)), coefficients, tiles, classifier)
+    result = {}
+    for convention, total in totals.items():
+        if setting.kind == 'routed' and router_cost is not None:
+            total += tiles * router_cost[convention]
+        result[convention] = Flops(total, total / tiles, 100.0 * total / tiles / table.largest(convention))
+    return result
+
+
 SSIM_WINDOW = 11  # BasicSR's SSIM uses an 11x11 Gaussian window in 'valid' mode
 
 
@@ -204,6 +224,8 @@ class Runner:
         self.router_cost = {'macs': macs, 'paper': 2 * macs} if self.router else None
         full_image = any(s.kind == 'backbone-full' for s in cfg.settings)
         self.full_coefficients = full_image_coefficients(net.branches[-1], patch) if full_image else None
+        self.regions = cfg.engine.tiling == 'regions'
+        self.branch_coefficients = [full_image_coefficients(b, patch) for b in net.branches] if self.regions else None
         self.engine = RoutedEngine(net, cfg.engine, self.device)
         self.results = [SettingResult(s.name, s.kind) for s in cfg.settings]
         self.failures: list[Failure] = []
@@ -264,14 +286,16 @@ class Runner:
                                      self.engine.num_classes)
             for warning in caught:
                 self.note(pair.path, [f'{setting.name}: {warning.message}'])
+            plan = None
             with measure(self.device) as timing:
                 if setting.kind == 'backbone-full':
                     sr = self.engine.backbone_full(lr)
                 else:
                     sr = self.engine.render(lr, labels, grid)
+                    plan = self.engine.last_plan if self.regions else None
             seconds = timing.seconds + (routing_time.seconds if setting.kind == 'routed' else 0.0)
             sr_img = tensor2img(sr.cpu(), rgb2bgr=True, min_max=(0, 1))
-            record = self.record(spec, pair, setting, labels, eta, sr_img, seconds, timing, grid)
+            record = self.record(spec, pair, setting, labels, eta, sr_img, seconds, timing, grid, plan)
             if setting.name == self.cfg.save_setting and self.cfg.save_images:
                 self.save_images(spec, pair.path.stem, sr_img, labels, grid, record)
             records.append(record)
@@ -282,11 +306,23 @@ class Runner:
         self.notes.append({'file': str(path), 'notes': notes})
         tqdm.write(f'note: {path}: {"; ".join(notes)}', file=sys.stderr)
 
-    def record(self, spec: DatasetSpec, pair: LoadedPair, setting: Setting, labels: torch.Tensor, eta: Optional[float],
-               sr_img: np.ndarray, seconds: float, timing: Measurement, grid: PatchGrid) -> ImageRecord:
+    def record(self,
+               spec: DatasetSpec,
+               pair: LoadedPair,
+               setting: Setting,
+               labels: torch.Tensor,
+               eta: Optional[float],
+               sr_img: np.ndarray,
+               seconds: float,
+               timing: Measurement,
+               grid: PatchGrid,
+               plan: Optional[Plan] = None) -> ImageRecord:
         """The report's record of one image under one setting."""
         counts = torch.bincount(labels, minlength=self.engine.num_classes).tolist()
         lr_size = (int(pair.lr.shape[-2]), int(pair.lr.shape[-1]))
+        flops = flops_of(setting, counts, self.table, self.router_cost, self.full_coefficients, lr_size)
+        if plan is not None:
+            flops = executed_flops(setting, plan, len(grid), self.table, self.router_cost, self.branch_coefficients)
         return ImageRecord(
             spec.name,
             pair.path.stem,
@@ -295,9 +331,10 @@ class Runner:
             counts,
             eta,
             **metrics(sr_img, pair.gt, self.engine.scale),
-            flops=flops_of(setting, counts, self.table, self.router_cost, self.full_coefficients, lr_size),
+            flops=flops,
             time_s=seconds,
-            peak_memory_mb=timing.peak_memory_mb)
+            peak_memory_mb=timing.peak_memory_mb,
+            pixel_ratio=None if plan is None else plan.pixel_ratio())
 
     def save_images(self, spec: DatasetSpec, stem: str, sr_img: np.ndarray, labels: torch.Tensor, grid: PatchGrid,
                     record: ImageRecord) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,25 @@ def test_routing_every_tile_to_the_backbone_equals_the_patchwise_backbone(setup,
             assert a['psnr'] == pytest.approx(b['psnr'], abs=1e-9) and a['ssim_y'] == b['ssim_y']
             compared += 1
     assert compared >= 3
+
+
+def test_regions_tiling_matches_the_whole_image_and_costs_what_ran(setup, tmp_path):
+    root, net = setup
+    assert run_cli(direct(root, tmp_path, '--tiling', 'regions', '--compare-backbone', '--no-save-images')) == 0
+    report = json.loads((tmp_path / 'report.json').read_text())
+    routed, full, patchwise = report['settings']
+    table = cost_table(net, patch=32)
+    per_pixel = table.largest('macs') / 32**2  # FSRCNN: linear in the pixels it processes
+    for r, f, p in zip(routed['images'], full['images'], patchwise['images']):
+        # every cell to the backbone with the measured halo: the whole image's output, to the rounding
+        if f['psnr'] is not None and math.isfinite(f['psnr']):
+            assert p['psnr'] == pytest.approx(f['psnr'], abs=0.01)
+        assert p['pixel_ratio'] >= 1.0 and r['pixel_ratio'] >= 1.0
+        processed = p['pixel_ratio'] * r['lr_size'][0] * r['lr_size'][1]
+        assert p['flops']['macs']['total'] == pytest.approx(per_pixel * processed, rel=0.02)
+        assert r['flops']['macs']['total'] >= table.classifier.macs * r['patches']  # classifier counted
+    big = next(r for r in patchwise['images'] if r['image'] == 'd_200x260')
+    assert big['patches'] == 7 * 9  # one 32x32 cell per tile, no overlap
 
 
 def test_images_too_small_to_score_get_no_metric_instead_of_nan(compared):

@@ -144,7 +144,7 @@ def test_write_report_json_round_trips_and_csv_rows(tmp_path, images):
     ]
     assert list(data['settings'][0]['images'][0]) == [
         'dataset', 'image', 'lr_size', 'sr_size', 'patches', 'counts', 'eta', 'psnr', 'ssim', 'psnr_y', 'ssim_y',
-        'flops', 'time_s', 'peak_memory_mb', 'sr_path', 'overlay_path'
+        'flops', 'time_s', 'peak_memory_mb', 'sr_path', 'overlay_path', 'pixel_ratio'
     ]
     assert data['settings'][0]['sets'][0]['flops']['paper'] == {
         'total': 22000.0, 'per_patch': 550.0, 'percent_of_largest': 55.0
