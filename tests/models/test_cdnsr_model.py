@@ -118,6 +118,34 @@ def test_new_stage_starts_with_fresh_optimizer_moments(tmp_path, training_data):
     assert changed(before_2, net.branches[2])
 
 
+def test_a_branch_no_sample_reaches_does_not_move_within_a_stage(tmp_path, training_data):
+    """Straight-through Gumbel: a branch the batch does not go through has exactly zero gradients; Adam must
+    not step it from the moments of an earlier batch (the drift that degraded CDNSR's unused backbone)."""
+    train_set, _ = training_data
+    train = {
+        'optim_g': {'type': 'Adam', 'lr': 1e-2}, 'total_iter': 3,
+        'scheduler': {'type': 'CosineAnnealingRestartLR', 'eta_min': 1e-7}, 'losses': {'pixel': {'type': 'L1Loss'}},
+        'stages': [{'name': 'finetune', 'iters': 3, 'routing': 'gumbel', 'losses': {'pixel': 1}}]
+    }
+    model = build_model(model_opt(tmp_path, train_set, train, dict(FSRCNN_NET, hard_gumbel=True)))
+    net = model.bare_net
+    bias = net.classifier.lastOut.bias
+    with torch.no_grad():  # iteration 1: every sample to branch 2, which builds up Adam moments
+        bias.copy_(torch.tensor([-1e4, -1e4, 1e4]))
+    model.feed_data(batch(train_set, [0, 1, 2, 2]))
+    before_2 = snapshot(net.branches[2])
+    model.optimize_parameters(1)
+    assert changed(before_2, net.branches[2])
+    for current_iter in (2, 3):  # then every sample to branch 0: branch 2 stays exactly where it was
+        with torch.no_grad():
+            bias.copy_(torch.tensor([1e4, -1e4, -1e4]))
+        before_0, before_2 = snapshot(net.branches[0]), snapshot(net.branches[2])
+        model.feed_data(batch(train_set, [0, 1, 2, 2]))
+        model.optimize_parameters(current_iter)
+        assert changed(before_0, net.branches[0])
+        assert not changed(before_2, net.branches[2]), current_iter
+
+
 def test_learning_rate_restarts_at_every_stage_start(tmp_path, training_data):
     """BasicSR steps the scheduler before iteration k > 1, so iteration k runs at step k - 1; the
     filled-in periods put each restart on a stage's first iteration."""
