@@ -8,12 +8,13 @@ Runs the whole pipeline on photos that ship with scikit-image (nothing is downlo
    (``tools/prepare_data.py``'s pipeline; the difficulty reference is bicubic upsampling, since no
    pretrained network can be assumed on a fresh machine);
 3. ``train``: a small CDNSR-FSRCNN through the real staged pipeline (``python -m cdnsr_plugin.train`` with
-   ``options/demo/train_CDNSR_FSRCNN_demo.yml``'s schedule: pretrain, classifier, distill, finetune);
+   ``options/demo/train_CDNSR_FSRCNN_demo.yml``'s schedule: the backbone, branches pruned from it, classifier,
+   distill, finetune);
 4. ``test``: ``tools/test_patches.py`` on the held-out photo with ``--compare-backbone`` and a budget
    sweep, which writes the SR image, the class map, report.json/csv and the PSNR-FLOPs plot.
 
 ``--quick`` shrinks the training photos and the schedule (550 iterations instead of 2,400): 39 s instead of
-3 min 48 s on 2 CPU cores (measured 2026-11-22, README); CI runs it. Everything is written
+2 min 3 s on 2 CPU cores (measured 2026-11-22, README); CI runs it. Everything is written
 under ``--work`` (default ``cdnsr_demo``); a folder left by an earlier demo is replaced, any other existing
 folder is refused.
 """
