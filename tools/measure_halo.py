@@ -1,6 +1,6 @@
 """How much context the seam-free engine needs: backbone-only PSNR against the whole image, per halo.
 
-    python tools/measure_halo.py --network experiments/cpu_repro/options/ours_joint_branches_oracle_router.yml \\
+    python tools/measure_halo.py --network experiments/cpu_repro/options/ours__joint_branches__oracle_router.yml \\
         --checkpoint <net_g_latest.pth> --lr <LR folder> --hr <HR folder> --halos 0,1,2,4,6,8
 
 For every LR/HR pair (HR exactly ``scale`` x LR) and every halo: the largest branch on every cell
@@ -57,7 +57,13 @@ def main(argv=None) -> int:
     paper_delta = []
     for path in tqdm(list_images(args.lr), desc='images', unit='image', file=sys.stderr):
         lr_img, _ = read_image(path)
-        gt, _ = read_image(args.hr / path.name)
+        hr_path = args.hr / path.name
+        if not hr_path.is_file():
+            parser.error(f'{hr_path}: no HR image of that name for {path}; --hr must hold one per LR image')
+        gt, _ = read_image(hr_path)
+        if gt.shape[:2] != (net.scale * lr_img.shape[0], net.scale * lr_img.shape[1]):
+            parser.error(f'{hr_path} is {gt.shape[1]}x{gt.shape[0]}, not {net.scale}x the LR {path} '
+                         f'({lr_img.shape[1]}x{lr_img.shape[0]}); crop the HR to scale x LR')
         lr = to_tensor(lr_img)
         full = psnr_y(paper.backbone_full(lr), gt, net.scale)
         paper_delta.append(psnr_y(paper.backbone_patchwise(lr), gt, net.scale) - full)

@@ -185,10 +185,11 @@ class RoutedEngine:
 
     @property
     def halo(self) -> int:
-        """Context per region side (``regions``): the option, else the largest branch's receptive radius,
-        measured once."""
+        """Context per region side (``regions``): the option, else the largest receptive radius over the
+        branches (exactness for every branch), measured once."""
         if self._halo is None:
-            self._halo = receptive_radius(self.net.branches[-1], size=max(64, 4 * self.options.patch))
+            size = max(64, 4 * self.options.patch)
+            self._halo = max(receptive_radius(branch, size=size) for branch in self.net.branches)
         return self._halo
 
     # ------------------------------------------------------------------ helpers

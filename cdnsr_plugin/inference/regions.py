@@ -1,8 +1,9 @@
 """Seam-free routed execution: classify per tile, execute per rectangle with real image context.
 
 The papers' protocol (``cdnsr_plugin.inference.tiling``) zero-pads every 32x32 tile at its own border and
-averages the overlaps of tiles at stride 28. Against the network run on the whole image that loses
-0.57-0.75 dB (measured, docs/RESULTS.md) and processes (32 / 28)^2 = 1.31x the image's pixels. Here:
+averages the overlaps of tiles at stride 28. Against the network run on the whole image that loses quality
+(FSRCNN-56 on the 12 held-out photos: -0.165 dB, worst photo -0.375 dB; tools/measure_halo.py, docs/RESULTS.md)
+and processes (32 / 28)^2 = 1.31x the image's pixels. Here:
 
 * **Cells.** The LR image is cut into non-overlapping ``cell x cell`` cells (the last row/column of cells
   is narrower when the size is not a multiple). Each cell is classified from the ``cell x cell`` tile that
@@ -207,5 +208,6 @@ def receptive_radius(net: nn.Module, num_in_ch: int = 3, size: int = 64, seed: i
     radius = int((lr_positions - centre).abs().max()) + 1
     if radius >= centre:
         raise ValueError(f'the receptive field reaches the border of the {size}x{size} probe; '
-                         f'pass a larger size (at least {4 * radius})')
+                         f'probe with size >= {4 * radius}, or set the halo yourself (tester --halo, '
+                         f'options val.halo)')
     return radius

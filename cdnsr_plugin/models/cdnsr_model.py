@@ -228,7 +228,8 @@ class CDNSRModel(SRModel):
         """
         for branch in self.bare_net.branches:
             grads = [p.grad for p in branch.parameters() if p.grad is not None]
-            if grads and not any(bool(g.any()) for g in grads):
+            # one device sync per branch, not per parameter
+            if grads and torch.stack([g.detach().abs().amax() for g in grads]).amax().item() == 0:
                 for param in branch.parameters():
                     param.grad = None
 

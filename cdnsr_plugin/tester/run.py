@@ -362,5 +362,7 @@ class Runner:
             'parts': dict(zip(cfg.parts, map(str, cfg.parts.values()))), 'router': cfg.router,
             'router_thresholds': list(self.router.thresholds) if self.router else None, 'patch': cfg.engine.patch,
             'stride': cfg.engine.stride, 'max_batch': self.engine.max_batch, 'channels_last': cfg.engine.channels_last,
-            'precision': cfg.engine.precision, 'budget_convention': cfg.convention
+            'precision': cfg.engine.precision, 'budget_convention': cfg.convention, 'tiling': cfg.engine.tiling,
+            'halo': self.engine.halo if self.regions else None,
+            'max_region': cfg.engine.max_region if self.regions else None
         }

@@ -107,7 +107,7 @@ def test_receptive_radius_refuses_a_global_network():
             y = self.conv(x)
             return nn.functional.pixel_shuffle(y * y.mean(dim=(2, 3), keepdim=True), 2)
 
-    with pytest.raises(ValueError, match='larger size'):
+    with pytest.raises(ValueError, match='set the halo yourself'):
         receptive_radius(Pooled())
 
 

@@ -15,6 +15,7 @@ import yaml
 from basicsr.archs import build_network
 
 from cdnsr_plugin.inference.costs import cost_table
+from cdnsr_plugin.inference.regions import receptive_radius
 from cdnsr_plugin.tester.cli import main
 
 from helpers import TESTER_LR_SIZES, TESTER_NETWORK
@@ -106,6 +107,9 @@ def test_regions_tiling_matches_the_whole_image_and_costs_what_ran(setup, tmp_pa
     assert run_cli(direct(root, tmp_path, '--tiling', 'regions', '--compare-backbone', '--no-save-images')) == 0
     report = json.loads((tmp_path / 'report.json').read_text())
     routed, full, patchwise = report['settings']
+    # the report says how it ran: no halo given, so the largest measured radius over the branches
+    assert report['network']['tiling'] == 'regions'
+    assert report['network']['halo'] == max(receptive_radius(b, size=128) for b in net.branches)
     table = cost_table(net, patch=32)
     per_pixel = table.largest('macs') / 32**2  # FSRCNN: linear in the pixels it processes
     for r, f, p in zip(routed['images'], full['images'], patchwise['images']):
