@@ -4,6 +4,8 @@ compared at equal budgets (see cdnsr_plugin/analysis/routing.py for every defini
     python tools/analyze_routing.py --checkpoint experiments/NAME/models/net_g_latest.pth \\
         --lr LR_DIR --gt HR_DIR --out results/NAME_routing [--budgets 0.4,0.5,0.55,0.65,0.8]
 
+Default tiling: seam-free regions (each branch once on the whole image, each 32x32 cell keeps its part;
+costs as executed, halos and promotions included); ``--tiling paper`` for the papers' 32/28 tiles.
 Writes OUT/analysis.json (every number), OUT/analysis.md (the tables) and OUT/analysis.png (PSNR against
 FLOPs for the oracle, the learned router with its cost knob, the Laplacian router, random routing, the
 classifier's argmax and the backbone patch-wise and on the whole image).
@@ -16,7 +18,8 @@ import cdnsr_plugin  # noqa: F401  (registers the plugin's archs)
 from cdnsr_plugin.analysis.report import to_markdown, write
 from cdnsr_plugin.analysis.routing import DEFAULT_BUDGETS, ROUTERS
 from cdnsr_plugin.analysis.run import analyze_folders, load_routed
-from cdnsr_plugin.tester.config import find_experiment_options, network_options
+from cdnsr_plugin.inference.engine import EngineOptions
+from cdnsr_plugin.tester.config import find_experiment_options, halo_type, network_options
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--convention', choices=('paper', 'macs'), default='paper')
     parser.add_argument('--limit', type=int, help='only the first N images')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random router')
+    parser.add_argument(
+        '--tiling',
+        choices=('regions', 'paper'),
+        default='regions',
+        help='regions (default): seam-free cells, scored with the exact halo, costed with --halo; paper: 32/28 '
+        'tiles, overlaps averaged (the papers)')
+    parser.add_argument(
+        '--halo', type=halo_type, help='regions: the halo the executed costs count (default: the backbone\'s)')
     return parser.parse_args(argv)
 
 
@@ -51,7 +62,9 @@ def main(argv=None) -> int:
         unknown = sorted(set(routers) - set(ROUTERS))
         if unknown:
             raise ValueError(f'--routers: unknown {unknown}; choose among {ROUTERS}')
-        analysis = analyze_folders(net, args.lr, args.gt, budgets, routers, args.convention, args.seed, args.limit)
+        options = EngineOptions(tiling=args.tiling, halo=args.halo)
+        analysis = analyze_folders(net, args.lr, args.gt, budgets, routers, args.convention, args.seed, args.limit,
+                                   options)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f'analyze_routing: {exc}', file=sys.stderr)
         return 2

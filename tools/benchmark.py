@@ -16,8 +16,8 @@ median of ``--runs`` runs, in this order, on the same input and labels:
   maps need tens of GB).
 * ``per-patch loop`` (``--loop``): ClassSR's tester, one tile per forward pass, same labels.
 
-With ``--tiling regions`` (cells classified, rectangles executed with ``--halo`` pixels of real context;
-``cdnsr_plugin.inference.regions``) the routed FLOPs are what ran (each branch's cost per pixel x the pixels
+With ``--tiling regions`` (the default: cells classified, rectangles executed with ``--halo`` pixels of real
+context; ``cdnsr_plugin.inference.regions``) the routed FLOPs are what ran (each branch's cost per pixel x the pixels
 its regions processed, halos included, plus the classifier), and the processed / image pixel ratio is printed.
 
 Ratios printed: routed / backbone time and FLOPs (paper convention and MACs, classifier included), and
@@ -44,7 +44,7 @@ from cdnsr_plugin.inference.costs import (CONVENTIONS, cost_table, executed_cost
 from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
 from cdnsr_plugin.inference.laplacian import laplacian_scores
 from cdnsr_plugin.inference.policies import forced_mix_labels
-from cdnsr_plugin.tester.config import network_options
+from cdnsr_plugin.tester.config import halo_type, network_options
 from cdnsr_plugin.utils.checkpoint import load_weights
 from cdnsr_plugin.utils.image import to_tensor
 from cdnsr_plugin.utils.io import Skipped, list_images, read_image
@@ -69,8 +69,10 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--loop', action='store_true', help='also time the one-tile-per-pass loop')
     parser.add_argument('--skip-full', action='store_true', help='skip the full-image backbone (huge inputs)')
-    parser.add_argument('--tiling', choices=('paper', 'regions'), default='paper', help='routed run (default paper)')
-    parser.add_argument('--halo', type=int, help='regions: context per side (default: measured receptive radius)')
+    parser.add_argument(
+        '--tiling', choices=('paper', 'regions'), default='regions', help='routed run (default regions)')
+    parser.add_argument(
+        '--halo', type=halo_type, help='regions: context per side or "exact" (default: the backbone\'s default)')
     parser.add_argument('--json', type=Path, help='also write the results here')
     return parser.parse_args(argv)
 

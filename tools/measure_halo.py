@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     net = load_routed(network_options(args.network), args.checkpoint)
     halos = [int(v) for v in args.halos.split(',')]
     engines = {h: RoutedEngine(net, EngineOptions(tiling='regions', halo=h), 'cpu') for h in halos}
-    paper = RoutedEngine(net, EngineOptions(), 'cpu')
+    paper = RoutedEngine(net, EngineOptions(tiling='paper'), 'cpu')
     backbone = net.num_classes - 1
     rows = {h: {'delta_db': [], 'pixel_ratio': []} for h in halos}
     paper_delta = []

@@ -51,6 +51,7 @@ from cdnsr_plugin.analysis.report import to_markdown, write
 from cdnsr_plugin.analysis.run import analyze_folders, load_routed
 from cdnsr_plugin.data.prepared_set import GT_LMDB, LQ_LMDB
 from cdnsr_plugin.inference.costs import CONVENTIONS, cost_table
+from cdnsr_plugin.inference.engine import EngineOptions
 from cdnsr_plugin.inference.tiling import super_resolve_patches
 from cdnsr_plugin.preparation.prepare import PrepareOptions, build_reference, prepare
 from cdnsr_plugin.preparation.test_sets import Tier, build_test_sets
@@ -260,7 +261,9 @@ def main(argv=None) -> int:
         checkpoint, seconds = train(name, models[name], work, train_set, args.batch)
         network = load_options(work / 'options' / f'{slug(name)}.yml')['network_g']
         net = load_routed(network, checkpoint)
-        analysis = analyze_folders(net, test / 'LR_bicubic' / 'X4', test / 'HR', BUDGETS)
+        # the papers' protocol (docs/RESULTS.md's reproduction tables); tools/analyze_routing.py defaults to regions
+        analysis = analyze_folders(
+            net, test / 'LR_bicubic' / 'X4', test / 'HR', BUDGETS, options=EngineOptions(tiling='paper'))
         write(analysis, work / 'analysis' / slug(name), f'{name}: routing on the test photos')
         analyses[name] = analysis.to_dict()
         rows.append(row(name, analyses[name], net, seconds))

@@ -30,25 +30,29 @@ def routers_markdown(analysis: Analysis) -> list[str]:
     routers = [router for router in ROUTERS if any(p.router == router for p in analysis.points)]
     budgets = sorted({p.budget for p in analysis.points if p.budget is not None})
     lines = [
-        '| budget | ' + ' | '.join(f'{router} PSNR (FLOPs %, regret)' for router in routers) + ' |',
-        '| --- |' + ' --- |' * len(routers)
+        '| budget | ' + ' | '.join(f'{router} PSNR (FLOPs %, executed % of whole image, regret)'
+                                   for router in routers) + ' |', '| --- |' + ' --- |' * len(routers)
     ]
     for budget in budgets:
         cells = []
         for router in routers:
             point = next((p for p in analysis.points if p.router == router and p.budget == budget), None)
-            cells.append('-' if point is None else
-                         f'{point.psnr:.3f} ({100 * point.flops_fraction:.1f}, {_number(point.regret, "+.3f")})')
+            cells.append('-' if point is None else f'{point.psnr:.3f} ({100 * point.flops_fraction:.1f}, '
+                         f'{_number(point.percent_of_full_image, ".1f")}, {_number(point.regret, "+.3f")})')
         lines.append(f'| {budget:.2f} | ' + ' | '.join(cells) + ' |')
     return lines
 
 
 def to_markdown(analysis: Analysis, title: str = 'Routing analysis') -> str:
     """The analysis as Markdown tables (PSNR: BasicSR's, Y, crop = scale, mean over images)."""
+    tiles = ('non-overlapping 32x32 LR cells, executed as seam-free regions (exact halo)'
+             if analysis.tiling == 'regions' else '32x32 LR, stride 28, overlaps averaged')
     lines = [
-        f'## {title}', '', f'{len(analysis.images)} images, {analysis.tiles} tiles (32x32 LR, stride 28); FLOPs '
+        f'## {title}', '', f'{len(analysis.images)} images, {analysis.tiles} tiles ({tiles}); FLOPs '
         f'in the {analysis.convention} convention, per tile, as % of the largest branch, the router\'s own cost '
-        'included.', '', '**Branch x difficulty class** (classes: terciles of the largest branch\'s tile PSNR; '
+        'included; executed %: the MACs that ran (halos, promotions and the router included) in % of the '
+        'largest branch on the whole image.', '',
+        '**Branch x difficulty class** (classes: terciles of the largest branch\'s tile PSNR; '
         'cells: PSNR over the class\'s tiles):', '', *branch_table_markdown(analysis), '',
         '**Routers at equal budgets** (regret: oracle PSNR minus the router\'s):', '', *routers_markdown(analysis), ''
     ]
@@ -64,33 +68,44 @@ def to_markdown(analysis: Analysis, title: str = 'Routing analysis') -> str:
             f'- mean largest class probability: {_number(analysis.mean_max_probability, ".3f")}'
         ]
     full = analysis.backbone_full_flops_fraction
-    lines.append(f'- backbone patch-wise: {_number(analysis.backbone_patchwise_psnr, ".3f")} dB at 100%; on the whole '
-                 f'image: {_number(analysis.backbone_full_psnr, ".3f")} dB at '
+    lines.append(f'- backbone patch-wise (papers\' tiles): {_number(analysis.backbone_patchwise_psnr, ".3f")} dB at '
+                 f'100% (executed {_number(analysis.backbone_patchwise_percent_of_full, ".1f")}% of the whole image); '
+                 f'on the whole image: {_number(analysis.backbone_full_psnr, ".3f")} dB at '
                  f'{_number(None if full is None else 100 * full, ".1f")}%')
     return '\n'.join(lines) + '\n'
 
 
 def plot(analysis: Analysis, path: Path, title: str = '') -> Path:
-    """PSNR against FLOPs % for every router, with the argmax and the backbone (patch-wise, whole image)."""
+    """PSNR against FLOPs % for every router, with the argmax and the backbone (patch-wise, whole image).
+    Regions: x is the MACs executed in % of the backbone on the whole image; papers' tiling: the per-tile cost
+    in % of the largest branch (the papers' axis)."""
+    executed = analysis.tiling == 'regions'
+
+    def x(point) -> Optional[float]:
+        return point.percent_of_full_image if executed else 100 * point.flops_fraction
+
     series = []
     for router in ROUTERS:
         points = sorted(
-            (100 * p.flops_fraction, p.psnr) for p in analysis.points if p.router == router and p.budget is not None)
+            (x(p), p.psnr) for p in analysis.points if p.router == router and p.budget is not None and x(p) is not None)
         if points:
             series.append({'label': router, 'points': points, 'style': 'line'})
     argmax = next((p for p in analysis.points if p.router == 'learned' and p.budget is None), None)
-    if argmax is not None:
-        series.append(
-            {'label': 'learned, argmax', 'points': [(100 * argmax.flops_fraction, argmax.psnr)], 'style': 'point'})
-    if analysis.backbone_patchwise_psnr is not None:
-        series.append(
-            {'label': 'backbone patch-wise', 'points': [(100.0, analysis.backbone_patchwise_psnr)], 'style': 'point'})
-    if analysis.backbone_full_flops_fraction is not None:
+    if argmax is not None and x(argmax) is not None:
+        series.append({'label': 'learned, argmax', 'points': [(x(argmax), argmax.psnr)], 'style': 'point'})
+    patchwise_x = analysis.backbone_patchwise_percent_of_full if executed else 100.0
+    if analysis.backbone_patchwise_psnr is not None and patchwise_x is not None:
         series.append({
-            'label': 'backbone whole image',
-            'points': [(100 * analysis.backbone_full_flops_fraction, analysis.backbone_full_psnr)], 'style': 'point'
+            'label': 'backbone patch-wise (papers\' tiles)',
+            'points': [(patchwise_x, analysis.backbone_patchwise_psnr)], 'style': 'point'
         })
-    return plot_psnr_flops(series, path, analysis.convention, title)
+    full_x = 100.0 if executed else (None if analysis.backbone_full_flops_fraction is None else 100 *
+                                     analysis.backbone_full_flops_fraction)
+    if full_x is not None and analysis.backbone_full_psnr is not None:
+        series.append(
+            {'label': 'backbone whole image', 'points': [(full_x, analysis.backbone_full_psnr)], 'style': 'point'})
+    xlabel = 'MACs executed, % of the largest branch on the whole image' if executed else None
+    return plot_psnr_flops(series, path, analysis.convention, title, xlabel=xlabel)
 
 
 def write(analysis: Analysis, folder: Path, title: str = 'Routing analysis') -> list[Path]:

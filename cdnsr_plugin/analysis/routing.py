@@ -1,8 +1,16 @@
 """How well does a router route? Per-tile branch quality, the oracle frontier, and routers compared at equal
 budgets (``tools/analyze_routing.py``).
 
-For every image every branch super-resolves every tile once (the papers' tiling, as the engine cuts it);
-per tile and branch the squared error on Y (BasicSR's BT.601 luma, 8-bit range, as its PSNR) is kept,
+For every image every branch super-resolves every tile once, as the engine's tiling cuts it:
+
+* ``regions`` (the default): each branch runs once on the whole image, and each non-overlapping 32x32 cell
+  keeps its own part of that output. That is what the seam-free engine gives with the exact halo; the
+  default halo is within 0.01 dB of it for the backbone alone (``tools/measure_halo.py``). A routing is
+  planned as the engine plans it (``inference.regions.plan_regions``: isolated cells promoted to a larger
+  branch where that is cheaper), and its executed cost (halos included) is reported beside the per-tile cost;
+* ``paper``: every 32x32 tile at stride 28 with zero padding, overlaps averaged (the papers' protocol).
+
+Per tile and branch the squared error on Y (BasicSR's BT.601 luma, 8-bit range, as its PSNR) is kept,
 and so are the SR tiles, so that any assignment of branches to tiles can be merged into the image it gives
 without running a network again. Then:
 
@@ -27,10 +35,12 @@ without running a network again. Then:
   preference for larger branches (its expected class index) and what the largest branch gains on the tile
   over the smallest (the drop in Y MSE: what the oracle trades against cost; a PSNR difference would rank
   flat tiles, where a few grey levels are many dB, above textured ones);
-* the backbone patch-wise and on the whole image (the honest baseline).
+* the backbone patch-wise and on the whole image (the honest baseline). Each router point also carries its
+  cost in % of that baseline (``percent_of_full_image``: what ran, in MACs, router included).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -40,15 +50,44 @@ import torch
 from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 
-from cdnsr_plugin.inference.costs import CostTable, full_image_cost
+from cdnsr_plugin.inference.costs import CostTable, executed_cost, full_image_coefficients, full_image_cost
 from cdnsr_plugin.inference.engine import RoutedEngine
 from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, laplacian_scores
 from cdnsr_plugin.inference.policies import solve_budget
+from cdnsr_plugin.inference.regions import plan_regions
 from cdnsr_plugin.inference.tiling import PatchGrid, PatchMerger
 
 ROUTERS = ('oracle', 'learned', 'laplacian', 'random')
 DEFAULT_BUDGETS = (0.4, 0.5, 0.55, 0.65, 0.8)
 _Y = (65.481, 128.553, 24.966)  # BasicSR's rgb2ycbcr(y_only=True) on [0, 1] RGB, times 255
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How tiling ``regions`` runs one image (as ``RoutedEngine.plan``): which branch each cell ends up on,
+    and what a routing executes."""
+
+    height: int  # LR size
+    width: int
+    cell: int
+    halo: int
+    max_cells: int
+    per_pixel: tuple[float, ...]  # MACs per LR pixel per branch (the planner's promotion)
+    coefficients: tuple[dict, ...]  # costs.full_image_coefficients per branch
+
+    def run(self, labels: np.ndarray) -> tuple[np.ndarray, float]:
+        """The branch each cell runs on (labels, isolated cells promoted) and the MACs the branches execute."""
+        plan = plan_regions(labels, self.height, self.width, self.cell, self.halo, self.max_cells, self.per_pixel)
+        cols = -(-self.width // self.cell)
+        ran = np.empty(len(labels), dtype=np.int64)
+        for region in plan.regions:
+            rows = range(region.y0 // self.cell, -(-region.y1 // self.cell))
+            columns = np.arange(region.x0 // self.cell, -(-region.x1 // self.cell))
+            for row in rows:
+                ran[row * cols + columns] = region.branch
+        count = len(self.per_pixel)
+        cost = executed_cost(plan.processed(count), plan.passes(count), list(self.coefficients), 0, None)
+        return ran, cost['macs']
 
 
 @dataclass
@@ -66,6 +105,14 @@ class ImageTiles:
     edge: np.ndarray  # (N,) Laplacian edge energy
     full_psnr: float  # the largest branch on the whole image (no tiles): the honest baseline
     full_cost: Optional[dict[str, float]] = None  # its cost on the whole image, per convention
+    boxes: Optional[np.ndarray] = None  # (N, 4) LR y0, y1, x0, x1 each tile owns (regions); None: papers' tiles
+    execution: Optional[Execution] = None  # regions: how a routing runs
+    paper_patchwise_psnr: Optional[float] = None  # regions: the largest branch on the papers' tiles
+    paper_patchwise_macs: Optional[float] = None  # and its cost
+
+    def executed(self, labels: np.ndarray) -> np.ndarray:
+        """The branch each tile is rendered by under ``labels`` (regions may promote isolated cells)."""
+        return labels if self.execution is None else self.execution.run(labels)[0]
 
     def tile_psnr(self) -> np.ndarray:
         """(N, M) PSNR of each branch on each tile (Y, 8-bit); an exact tile gets 100 dB."""
@@ -79,19 +126,38 @@ def _luma(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb * weights).sum(dim=-3)
 
 
-def tile_errors(sr_tiles: torch.Tensor, gt: np.ndarray, grid: PatchGrid, scale: int) -> tuple[np.ndarray, np.ndarray]:
+def tile_boxes(grid: PatchGrid) -> np.ndarray:
+    """(N, 4) LR boxes ``y0, y1, x0, x1`` of the papers' tiles, clipped to the image."""
+    positions = grid.positions().numpy()
+    return np.stack([
+        positions[:, 0],
+        np.minimum(positions[:, 0] + grid.patch, grid.height), positions[:, 1],
+        np.minimum(positions[:, 1] + grid.patch, grid.width)
+    ],
+                    axis=1)
+
+
+def cell_boxes(grid: PatchGrid) -> np.ndarray:
+    """(N, 4) LR boxes of the non-overlapping cells of a regions grid (the last row/column may be narrower)."""
+    ys = np.arange(0, grid.height, grid.patch)
+    xs = np.arange(0, grid.width, grid.patch)
+    y0, x0 = np.meshgrid(ys, xs, indexing='ij')
+    y0, x0 = y0.reshape(-1), x0.reshape(-1)
+    return np.stack([y0, np.minimum(y0 + grid.patch, grid.height), x0, np.minimum(x0 + grid.patch, grid.width)], 1)
+
+
+def tile_errors(sr_tiles: torch.Tensor, gt: np.ndarray, boxes: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
     """Per tile and branch the summed squared Y error against the ground truth, and each tile's pixel count.
 
-    SR tiles are rounded to 8 bits first, as the images are scored; pixels of a tile that lie beyond the
-    image (replicate padding of images smaller than a tile) are left out.
+    ``boxes``: the LR box each tile is scored on (``tile_boxes`` / ``cell_boxes``); SR tiles hold it at their
+    top left. SR tiles are rounded to 8 bits first, as the images are scored; pixels of a tile that lie beyond
+    the image (replicate padding of images smaller than a tile) are left out.
     """
     gt_rgb = torch.from_numpy(np.ascontiguousarray(gt[..., ::-1])).permute(2, 0, 1).float() / 255.0
-    height, width = gt_rgb.shape[-2:]
-    side = grid.patch * scale
     errors, pixels = [], []
-    for (y, x) in grid.positions().tolist():
-        top, left = y * scale, x * scale
-        h, w = min(side, height - top), min(side, width - left)
+    for (y0, y1, x0, x1) in boxes.tolist():
+        top, left = y0 * scale, x0 * scale
+        h, w = (y1 - y0) * scale, (x1 - x0) * scale
         target = _luma(gt_rgb[:, top:top + h, left:left + w])
         sr = _luma(sr_tiles[:, len(errors), :, :h, :w].clamp(0, 1).mul(255).round().div(255))
         errors.append(((sr - target)**2).sum(dim=(-2, -1)).numpy())
@@ -107,32 +173,70 @@ def collect(engine: RoutedEngine,
             full_coefficients: Optional[dict] = None) -> ImageTiles:
     """Run every branch on every tile of one image (and the classifier), keep the SR tiles and their errors;
     with ``full_coefficients`` (``costs.full_image_coefficients`` of the largest branch) also the cost of the
-    largest branch on the whole image."""
+    largest branch on the whole image. Tiles as the engine's tiling cuts them (see the module docstring)."""
     grid = engine.grid(lr)
-    sr_tiles = torch.stack([engine.branch_tiles(lr, branch, grid) for branch in range(engine.num_classes)])
-    errors, pixels = tile_errors(sr_tiles, gt, grid, engine.scale)
+    execution, paper_patchwise, paper_macs = None, None, None
+    if engine.options.tiling == 'regions':
+        boxes = cell_boxes(grid)
+        sr_tiles = torch.stack([
+            _cell_tiles(engine.branch_full(lr, b).cpu(), boxes, grid.patch, engine.scale)
+            for b in range(engine.num_classes)
+        ])
+        coefficients = tuple(full_image_coefficients(branch, grid.patch) for branch in engine.net.branches)
+        execution = Execution(grid.height, grid.width, grid.patch, engine.halo, engine.options.max_region,
+                              tuple(engine.per_pixel), coefficients)
+        paper = RoutedEngine(engine.net, dataclasses.replace(engine.options, tiling='paper'), engine.device)
+        patchwise = tensor2img(paper.backbone_patchwise(lr).cpu(), rgb2bgr=True, min_max=(0, 1))
+        paper_patchwise = float(calculate_psnr(patchwise, gt, engine.scale, test_y_channel=True))
+        slope, constant = coefficients[-1]['macs']
+        paper_macs = len(paper.grid(lr)) * (slope * grid.patch**2 + constant)
+    else:
+        boxes = tile_boxes(grid)
+        sr_tiles = torch.stack([engine.branch_tiles(lr, branch, grid) for branch in range(engine.num_classes)])
+    errors, pixels = tile_errors(sr_tiles, gt, boxes, engine.scale)
     logits = engine.classify(lr, grid)[0].numpy().astype(np.float64) if classifier else None
     edge = engine.map_tiles(lr, lambda tiles: laplacian_scores(tiles.float()).cpu(), grid).numpy()
     full = tensor2img(engine.backbone_full(lr).cpu(), rgb2bgr=True, min_max=(0, 1))
     full_psnr = float(calculate_psnr(full, gt, engine.scale, test_y_channel=True))
     full_cost = full_image_cost(full_coefficients, *lr.shape[-2:]) if full_coefficients else None
     return ImageTiles(name, lr, gt, grid, sr_tiles, errors, pixels, logits, edge.astype(np.float64), full_psnr,
-                      full_cost)
+                      full_cost, boxes if execution is not None else None, execution, paper_patchwise, paper_macs)
+
+
+def _cell_tiles(sr: torch.Tensor, boxes: np.ndarray, patch: int, scale: int) -> torch.Tensor:
+    """(N, C, patch * scale, patch * scale): each cell's part of a whole-image output at the top left, zeros
+    beyond a narrower cell."""
+    side = patch * scale
+    tiles = sr.new_zeros(len(boxes), sr.shape[0], side, side)
+    for index, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+        tiles[index, :, :(y1 - y0) * scale, :(x1 - x0) * scale] = sr[:, y0 * scale:y1 * scale, x0 * scale:x1 * scale]
+    return tiles
 
 
 def merge(image: ImageTiles, weights: torch.Tensor, scale: int) -> np.ndarray:
     """The uint8 BGR image whose tile ``t`` is ``sum_j weights[t, j] * branch_j(t)`` (one-hot: a routing),
-    merged as the engine merges (overlaps averaged)."""
-    merger = PatchMerger(image.grid, scale, channels=3)
+    merged as the engine merges (papers' tiles: overlaps averaged; regions: each cell's own part)."""
     tiles = torch.einsum('nm,mnchw->nchw', weights.to(image.sr_tiles.dtype), image.sr_tiles)
-    merger.add(None, tiles)
-    return tensor2img(merger.result(), rgb2bgr=True, min_max=(0, 1))
+    if image.boxes is None:
+        merger = PatchMerger(image.grid, scale, channels=3)
+        merger.add(None, tiles)
+        return tensor2img(merger.result(), rgb2bgr=True, min_max=(0, 1))
+    out = tiles.new_zeros(3, image.grid.height * scale, image.grid.width * scale)
+    for tile, (y0, y1, x0, x1) in zip(tiles, image.boxes.tolist()):
+        out[:, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = tile[:, :(y1 - y0) * scale, :(x1 - x0) * scale]
+    return tensor2img(out, rgb2bgr=True, min_max=(0, 1))
+
+
+def routed_image(image: ImageTiles, labels: np.ndarray, scale: int) -> np.ndarray:
+    """The uint8 BGR image the engine renders for ``labels`` (regions: after promotion)."""
+    ran = image.executed(np.asarray(labels, dtype=np.int64))
+    weights = torch.nn.functional.one_hot(torch.as_tensor(ran, dtype=torch.long), image.sr_tiles.shape[0])
+    return merge(image, weights.float(), scale)
 
 
 def psnr_of(image: ImageTiles, labels: np.ndarray, scale: int) -> float:
     """BasicSR's Y PSNR (crop ``scale``) of the image routed by ``labels``."""
-    weights = torch.nn.functional.one_hot(torch.as_tensor(labels, dtype=torch.long), image.sr_tiles.shape[0])
-    return float(calculate_psnr(merge(image, weights.float(), scale), image.gt, scale, test_y_channel=True))
+    return float(calculate_psnr(routed_image(image, labels, scale), image.gt, scale, test_y_channel=True))
 
 
 @dataclass
@@ -146,6 +250,8 @@ class RouterPoint:
     class_shares: list[float]
     regret: Optional[float] = None  # oracle PSNR - this PSNR at the same budget
     ssim: Optional[float] = None  # BasicSR's SSIM on Y (computed for the classifier's argmax only)
+    percent_of_full_image: Optional[float] = None  # MACs that ran (router included), % of the backbone on the
+    # whole image, summed over the images
 
 
 @dataclass
@@ -155,6 +261,7 @@ class Analysis:
     images: list[str]
     tiles: int
     convention: str
+    tiling: str  # how the routings were executed: regions (cells, exact halo) or paper (32/28 tiles)
     branch_costs: list[float]  # per tile, in the convention
     router_costs: dict[str, float]  # per tile, each router's own cost
     branch_class_psnr: list[list[float]]  # [branch][difficulty class]
@@ -163,6 +270,7 @@ class Analysis:
     backbone_patchwise_psnr: Optional[float] = None
     backbone_full_psnr: Optional[float] = None
     backbone_full_flops_fraction: Optional[float] = None  # its cost per tile / the largest branch's
+    backbone_patchwise_percent_of_full: Optional[float] = None  # papers' tiles, MACs in % of the whole image
     soft_psnr: Optional[float] = None
     hard_psnr: Optional[float] = None
     spearman: Optional[float] = None
@@ -215,12 +323,25 @@ def router_scores(image: ImageTiles, router: str, seed: int = 0) -> np.ndarray:
     raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
 
 
-def _point(router: str, budget: Optional[float], images: Sequence[ImageTiles], labels: list[np.ndarray],
-           per_class: np.ndarray, largest: float, scale: int) -> RouterPoint:
+def _point(router: str,
+           budget: Optional[float],
+           images: Sequence[ImageTiles],
+           labels: list[np.ndarray],
+           per_class: np.ndarray,
+           largest: float,
+           scale: int,
+           macs: Optional[tuple[np.ndarray, float]] = None) -> RouterPoint:
+    """One router's point; ``macs``: per-tile MACs of each branch and of the router, for the executed cost."""
     psnr = float(np.mean([psnr_of(image, label, scale) for image, label in zip(images, labels)]))
     every = np.concatenate(labels)
     shares = np.bincount(every, minlength=len(per_class)) / len(every)
-    return RouterPoint(router, budget, psnr, float(per_class[every].mean() / largest), shares.round(4).tolist())
+    point = RouterPoint(router, budget, psnr, float(per_class[every].mean() / largest), shares.round(4).tolist())
+    if macs is not None and all(image.full_cost for image in images):
+        branch_macs, router_macs = macs
+        ran = sum((image.execution.run(label)[1] if image.execution is not None else float(branch_macs[label].sum())) +
+                  router_macs * len(label) for image, label in zip(images, labels))
+        point.percent_of_full_image = float(100.0 * ran / sum(image.full_cost['macs'] for image in images))
+    return point
 
 
 def analyze(images: Sequence[ImageTiles],
@@ -239,10 +360,16 @@ def analyze(images: Sequence[ImageTiles],
         'oracle': 0.0, 'random': 0.0, 'learned': float(table.classifier.value(convention)),
         'laplacian': float(LAPLACIAN_MACS_PER_PIXEL * patch_pixels * (2 if convention == 'paper' else 1))
     }
+    branch_macs = np.asarray([branch.macs for branch in table.branches], dtype=np.float64)
+    router_macs = {
+        'oracle': 0.0, 'random': 0.0, 'learned': float(table.classifier.macs),
+        'laplacian': float(LAPLACIAN_MACS_PER_PIXEL * patch_pixels)
+    }
     matrix, bounds = branch_class_table(images)
+    tiling = 'paper' if any(image.execution is None for image in images) else 'regions'
     result = Analysis([image.name for image in images], int(sum(len(image.grid) for image in images)), convention,
-                      branch_costs.tolist(), {router: overheads[router]
-                                              for router in routers}, matrix, bounds)
+                      tiling, branch_costs.tolist(), {router: overheads[router]
+                                                      for router in routers}, matrix, bounds)
     oracle: dict[float, float] = {}
     for router in routers:
         per_class = branch_costs + overheads[router]
@@ -254,16 +381,24 @@ def analyze(images: Sequence[ImageTiles],
                         torch.from_numpy(router_scores(image, router, seed + index)), per_class, largest,
                         budget).labels.numpy() for index, image in enumerate(images)
                 ]
-            point = _point(router, budget, images, labels, per_class, largest, scale)
+            point = _point(router, budget, images, labels, per_class, largest, scale,
+                           (branch_macs, router_macs[router]))
             if router == 'oracle':
                 oracle[budget] = point.psnr
             point.regret = oracle[budget] - point.psnr if budget in oracle else None
             result.points.append(point)
     if 'learned' in routers:
-        _classifier_measures(result, images, branch_costs + overheads['learned'], largest, scale)
+        _classifier_measures(result, images, branch_costs + overheads['learned'], largest, scale,
+                             (branch_macs, router_macs['learned']))
     num = len(branch_costs)
     backbone = [np.full(len(image.grid), num - 1) for image in images]
-    result.backbone_patchwise_psnr = float(np.mean([psnr_of(i, b, scale) for i, b in zip(images, backbone)]))
+    if all(image.paper_patchwise_psnr is not None for image in images):  # regions: the papers' tiles, run apart
+        result.backbone_patchwise_psnr = float(np.mean([image.paper_patchwise_psnr for image in images]))
+        result.backbone_patchwise_percent_of_full = float(100 * sum(i.paper_patchwise_macs
+                                                                    for i in images) / sum(i.full_cost['macs']
+                                                                                           for i in images))
+    else:
+        result.backbone_patchwise_psnr = float(np.mean([psnr_of(i, b, scale) for i, b in zip(images, backbone)]))
     result.backbone_full_psnr = float(np.mean([image.full_psnr for image in images]))
     if all(image.full_cost for image in images):
         full = sum(image.full_cost[convention] for image in images)
@@ -272,16 +407,15 @@ def analyze(images: Sequence[ImageTiles],
 
 
 def _classifier_measures(result: Analysis, images: Sequence[ImageTiles], per_class: np.ndarray, largest: float,
-                         scale: int) -> None:
+                         scale: int, macs: tuple[np.ndarray, float]) -> None:
     """The classifier's own argmax, its soft-vs-hard gap and the Spearman correlation of its preference."""
     from scipy.stats import spearmanr
     argmax = [image.logits.argmax(axis=1) for image in images]
-    point = _point('learned', None, images, argmax, per_class, largest, scale)
-    one_hot = [torch.nn.functional.one_hot(torch.from_numpy(labels), per_class.size).float() for labels in argmax]
+    point = _point('learned', None, images, argmax, per_class, largest, scale, macs)
     point.ssim = float(
         np.mean([
-            calculate_ssim(merge(image, weights, scale), image.gt, scale, test_y_channel=True)
-            for image, weights in zip(images, one_hot)
+            calculate_ssim(routed_image(image, labels, scale), image.gt, scale, test_y_channel=True)
+            for image, labels in zip(images, argmax)
         ]))
     result.points.append(point)
     result.hard_psnr = point.psnr

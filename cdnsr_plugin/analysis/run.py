@@ -35,9 +35,12 @@ def analyze_folders(net: torch.nn.Module,
                     routers: Sequence[str] = ROUTERS,
                     convention: str = 'paper',
                     seed: int = 0,
-                    limit: Optional[int] = None) -> Analysis:
-    """Every LR image of ``lr_dir`` with its namesake in ``gt_dir`` (exactly ``scale`` x the LR), analysed."""
-    engine = RoutedEngine(net, EngineOptions())
+                    limit: Optional[int] = None,
+                    options: EngineOptions = EngineOptions()) -> Analysis:
+    """Every LR image of ``lr_dir`` with its namesake in ``gt_dir`` (exactly ``scale`` x the LR), analysed.
+    ``options``: the engine's tiling (default: regions, scored as with the exact halo; the executed costs
+    count the halo of ``options``, by default the backbone's)."""
+    engine = RoutedEngine(net, options)
     table = cost_table(net, patch=engine.options.patch)
     coefficients = full_image_coefficients(net.branches[-1], engine.options.patch)
     images = []

@@ -40,7 +40,7 @@ from torch import nn
 
 from cdnsr_plugin.inference.costs import full_image_coefficients
 from cdnsr_plugin.inference.policies import check_labels
-from cdnsr_plugin.inference.regions import Plan, cell_grid, plan_regions, receptive_radius
+from cdnsr_plugin.inference.regions import EXACT, Plan, cell_grid, default_halo, plan_regions
 from cdnsr_plugin.inference.tiling import PatchGrid, extract, super_resolve_patches
 
 Decision = Callable[[torch.Tensor], torch.Tensor]  # logits (N, M) -> labels (N,)
@@ -75,8 +75,10 @@ class EngineOptions:
         tiling: ``paper`` (tiles at ``stride``, zero padding at every tile border, overlaps averaged: the
             papers' protocol) or ``regions`` (non-overlapping ``patch`` cells classified, rectangles of cells
             executed with ``halo`` pixels of real context; ``cdnsr_plugin.inference.regions``).
-        halo: ``regions`` only: LR pixels of context per side; ``None``: the largest branch's measured
-            receptive-field radius (``receptive_radius``), which makes the result equal the whole image's.
+        halo: ``regions`` only: LR pixels of context per side; ``None``: the default of the backbone's
+            architecture (``regions.DEFAULT_HALO``, within 0.01 dB of the whole image, measured), else the
+            exact radius; ``'exact'``: the largest measured receptive radius over the branches, which makes
+            the result equal each branch's on the whole image (``regions.default_halo``).
         max_region: ``regions`` only: largest region side, in cells.
     """
 
@@ -86,8 +88,8 @@ class EngineOptions:
     chunk: int = DEFAULT_CHUNK
     channels_last: bool = True
     precision: str = 'fp32'
-    tiling: str = 'paper'
-    halo: Optional[int] = None
+    tiling: str = 'regions'
+    halo: Optional[int | str] = None
     max_region: int = 8
 
     @classmethod
@@ -110,8 +112,10 @@ class EngineOptions:
             raise ValueError(f'stride ({self.stride}) must be <= patch ({self.patch}) or pixels would be left out')
         if self.tiling not in TILINGS:
             raise ValueError(f'tiling must be one of {TILINGS}, got {self.tiling!r}')
-        if self.halo is not None and (not isinstance(self.halo, int) or isinstance(self.halo, bool) or self.halo < 0):
-            raise ValueError(f'halo must be an integer >= 0 (or empty for the measured radius), got {self.halo!r}')
+        if self.halo not in (None, EXACT) and (not isinstance(self.halo, int) or isinstance(self.halo, bool)
+                                               or self.halo < 0):
+            raise ValueError(f'halo must be an integer >= 0, {EXACT!r} (the measured receptive radius) or empty '
+                             f'(the backbone\'s default), got {self.halo!r}')
         if self.precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}')
         if self.precision != 'fp32' and device.type != 'cuda':
@@ -185,11 +189,9 @@ class RoutedEngine:
 
     @property
     def halo(self) -> int:
-        """Context per region side (``regions``): the option, else the largest receptive radius over the
-        branches (exactness for every branch), measured once."""
-        if self._halo is None:
-            size = max(64, 4 * self.options.patch)
-            self._halo = max(receptive_radius(branch, size=size) for branch in self.net.branches)
+        """Context per region side (``regions``), resolved once by ``regions.default_halo``."""
+        if not isinstance(self._halo, int):
+            self._halo = default_halo(self.net.branches, self._halo, size=max(64, 4 * self.options.patch))
         return self._halo
 
     # ------------------------------------------------------------------ helpers
@@ -339,6 +341,12 @@ class RoutedEngine:
 
     def backbone_full(self, lr: torch.Tensor) -> torch.Tensor:
         """The largest branch on the whole image at once (no tiles, no seams)."""
+        return self.branch_full(lr, self.num_classes - 1)
+
+    def branch_full(self, lr: torch.Tensor, branch: int) -> torch.Tensor:
+        """Branch ``branch`` on the whole image at once: what regions give with the exact halo."""
+        if not 0 <= branch < self.num_classes:
+            raise ValueError(f'branch must lie in [0, {self.num_classes}), got {branch}')
         image = self._prepare(self._image(lr)[None])
         with self._running():
-            return self.net.branches[-1](image)[0].float()
+            return self.net.branches[branch](image)[0].float()

@@ -24,7 +24,9 @@ and processes (32 / 28)^2 = 1.31x the image's pixels. Here:
   included); with a network's cost per pixel (``costs.full_image_coefficients``) that is what ran.
 
 ``receptive_radius`` measures how far, in LR pixels, a network's output moves when one input pixel
-changes; a halo of that radius makes regions exact.
+changes; a halo of that radius makes regions exact (``halo: exact``). That radius is far more than a trained
+network needs: its influence decays long before it ends. ``DEFAULT_HALO`` holds, per backbone architecture,
+the smallest halo measured to keep the backbone alone within 0.01 dB of the whole image (``default_halo``).
 """
 from __future__ import annotations
 
@@ -37,6 +39,15 @@ import torch
 from torch import nn
 
 from cdnsr_plugin.inference.tiling import PatchGrid
+
+#: Context per region side (LR pixels) by backbone class: the smallest halo whose backbone-only result
+#: (every cell to the largest branch) stays within 0.01 dB (mean over the photos; the worst photo within
+#: 0.02 dB) of the same network on the whole image, on the 12 held-out photos of ../shared/data/photos
+#: (``tools/measure_halo.py``, docs/RESULTS.md, "Seam-free regions: how much context"). Trained weights:
+#: FSRCNN-56 of the CPU reproduction; CARN-64 and MSRResNet-64 trained briefly on the training photos
+#: (experiments recorded there). A network not listed gets its measured receptive radius: exact, and costly.
+DEFAULT_HALO = {'FSRCNN': 2, 'CARN': 4, 'MSRResNet': 6}
+EXACT = 'exact'
 
 
 @dataclass(frozen=True)
@@ -211,3 +222,38 @@ def receptive_radius(net: nn.Module, num_in_ch: int = 3, size: int = 64, seed: i
                          f'probe with size >= {4 * radius}, or set the halo yourself (tester --halo, '
                          f'options val.halo)')
     return radius
+
+
+def parse_halo(text: str) -> int | str:
+    """A command line's ``--halo``: a non-negative integer or ``exact``."""
+    if text == EXACT:
+        return EXACT
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f'--halo must be an integer >= 0 or {EXACT!r}, got {text!r}')
+    return value
+
+
+def default_halo(branches: Sequence[nn.Module], halo: Optional[int | str] = None, size: int = 128) -> int:
+    """The halo a routed run uses: ``halo`` when it is a number; ``'exact'``: the largest measured receptive
+    radius over ``branches`` (the routed output then equals each branch's on the whole image); ``None``:
+    ``DEFAULT_HALO`` of the backbone's (last branch's) class, else the exact radius.
+
+    A network whose output depends on the whole input (global pooling, e.g. RCAN's channel attention) has
+    no finite radius: give it a number.
+    """
+    if isinstance(halo, int) and not isinstance(halo, bool):
+        return halo
+    if halo is None and type(branches[-1]).__name__ in DEFAULT_HALO:
+        return DEFAULT_HALO[type(branches[-1]).__name__]
+    if halo not in (None, EXACT):
+        raise ValueError(f'halo must be an integer >= 0, {EXACT!r} or empty (the default), got {halo!r}')
+    try:
+        return max(receptive_radius(branch, size=size) for branch in branches)
+    except ValueError as error:
+        name = type(branches[-1]).__name__
+        raise ValueError(f'{name}: no default halo ({error}). Set one: tester --halo N, option val.halo: N; '
+                         f'tools/measure_halo.py finds the smallest that keeps the whole image\'s PSNR') from None

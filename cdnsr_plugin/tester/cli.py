@@ -12,7 +12,7 @@ from typing import Optional
 
 import cdnsr_plugin  # noqa: F401  (registers the plugin's archs before the network is built)
 from cdnsr_plugin.tester.config import from_args
-from cdnsr_plugin.tester.report import format_summary, sweep_series, write_report
+from cdnsr_plugin.tester.report import FULL_IMAGE_XLABEL, format_summary, sweep_series, write_report
 from cdnsr_plugin.tester.run import Runner
 from cdnsr_plugin.utils.viz import plot_psnr_flops
 
@@ -34,7 +34,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     series,
                     cfg.out / 'psnr_flops.png',
                     cfg.convention,
-                    title=f'{cfg.name}: PSNR (Y) vs FLOPs per patch'))
+                    title=f'{cfg.name}: PSNR (Y) vs FLOPs executed',
+                    xlabel=FULL_IMAGE_XLABEL))
         else:
             print('No PSNR-FLOPs plot: no image had ground truth to score (give --gt or dataroot_gt).')
     print(format_summary(report))

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from cdnsr_plugin.compat import load_yaml
 from cdnsr_plugin.inference.engine import PRECISIONS, EngineOptions
+from cdnsr_plugin.inference.regions import parse_halo
 
 DEFAULT_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ROUTERS = ('classifier', 'laplacian')
@@ -73,6 +74,14 @@ class TestConfig:
     save_setting: Optional[str] = None
 
 
+def halo_type(text: str) -> int | str:
+    """argparse type of ``--halo``."""
+    try:
+        return parse_halo(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tools/test_patches.py``."""
     parser = argparse.ArgumentParser(
@@ -104,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         '--tiling',
         choices=('paper', 'regions'),
-        help='paper: tiles at --stride, overlaps averaged (the papers); regions: cells classified, rectangles '
-        'executed with real context (--halo), nothing averaged (default: paper)')
+        help='regions (default): cells classified, rectangles executed with real context (--halo), nothing '
+        'averaged; paper: tiles at --stride, zero-padded, overlaps averaged (the papers\' protocol)')
     engine.add_argument(
-        '--halo', type=int, help='regions: LR pixels of context per side (default: the measured receptive radius)')
+        '--halo',
+        type=halo_type,
+        help='regions: LR pixels of context per side, or "exact" (the measured receptive radius); default: '
+        'the backbone\'s measured default (FSRCNN 2, CARN 4, MSRResNet 6), else exact')
     engine.add_argument('--precision', choices=sorted(PRECISIONS), help='fp16/bf16 need CUDA (default fp32)')
     engine.add_argument('--device', help='cpu, cuda, cuda:1 or auto (default: option num_gpu, else auto)')
     engine.add_argument('--threads', type=int, help='CPU threads for torch (default: torch\'s choice)')

@@ -21,12 +21,14 @@ METRICS = ('psnr', 'ssim', 'psnr_y', 'ssim_y')
 
 @dataclass
 class Flops:
-    """Cost of one image or set in one convention: the total, per tile, and per tile as % of the largest
-    branch on one tile."""
+    """Cost of one image or set in one convention: the total, per tile, per tile as % of the largest branch
+    on one tile (the papers' convention), and the total as % of the largest branch run on the whole image
+    (the honest baseline: no tile overlap, no halo)."""
 
     total: float
     per_patch: Optional[float]
     percent_of_largest: Optional[float]
+    percent_of_full_image: Optional[float] = None
 
 
 @dataclass
@@ -170,7 +172,10 @@ def _aggregate_flops(records: list[ImageRecord], patches: int) -> dict[str, Flop
         weighted = [(entry.percent_of_largest, record.patches) for entry, record in zip(entries, records)]
         percent = (None if patches == 0 or any(pct is None for pct, _ in weighted) else float(
             sum(pct * n for pct, n in weighted) / patches))
-        result[convention] = Flops(total, total / patches if patches else None, percent)
+        full = [entry.percent_of_full_image for entry in entries]
+        of_full = (None if any(not pct for pct in full) else 100.0 * total / sum(100.0 * entry.total / pct
+                                                                                 for entry, pct in zip(entries, full)))
+        result[convention] = Flops(total, total / patches if patches else None, percent, of_full)
     return result
 
 
@@ -198,7 +203,8 @@ def aggregate(images: list[ImageRecord]) -> list[SetRecord]:
     without ground truth or when it is too small to score after cropping ``scale`` pixels); ``None`` if
     no image has them. FLOPs ``total`` is the sum, ``per_patch`` the sum of totals over the sum of patches
     and ``percent_of_largest`` the patch-weighted mean of the images' percents (the same thing, as every
-    image shares the largest branch) -- ClassSR/CDNSR average over all patches of a set. Times add up;
+    image shares the largest branch) -- ClassSR/CDNSR average over all patches of a set;
+    ``percent_of_full_image`` is the total over the sum of the images' whole-image backbone costs. Times add up;
     peak memory is the maximum (``None`` if no image measured it).
 
     Raises:
@@ -229,8 +235,10 @@ def compare(routed: SettingResult, baseline: SettingResult) -> list[Comparison]:
         other = base_sets.get(mine.dataset)
         if other is None:
             continue
+        # totals over the same images (a setting keeps an image only if every setting processed it); per-tile
+        # figures would not compare: the papers' tiling and the regions' cells count different tiles
         flops = {
-            convention: _ratio(cost.per_patch, other.flops[convention].per_patch if convention in other.flops else None)
+            convention: _ratio(cost.total, other.flops[convention].total if convention in other.flops else None)
             for convention, cost in mine.flops.items()
         }
         entries.append(

@@ -16,7 +16,8 @@ from cdnsr_plugin.tester.records import METRICS, Comparison, ImageRecord, Report
 from cdnsr_plugin.utils.io import atomic_write, jsonable, write_json
 
 CSV_COLUMNS = ('setting', 'kind', 'dataset', 'image', 'lr_h', 'lr_w', 'patches', 'counts', 'psnr', 'ssim', 'psnr_y',
-               'ssim_y', 'paper_per_patch', 'paper_pct', 'macs_per_patch', 'macs_pct', 'time_s', 'peak_memory_mb')
+               'ssim_y', 'paper_per_patch', 'paper_pct', 'paper_pct_full', 'macs_per_patch', 'macs_pct',
+               'macs_pct_full', 'time_s', 'peak_memory_mb')
 CONVENTION_NOTE = ('paper = 2 x weight MACs, transposed convs on the output grid (ClassSR/CDNSR tables); '
                    'MACs = ptflops, what the hardware runs.')
 Row = Union[ImageRecord, SetRecord]
@@ -31,7 +32,9 @@ def _cell(value: Any) -> str:
 
 def _flops_cells(record: Row, convention: str) -> list[str]:
     cost = record.flops.get(convention)
-    return ['', ''] if cost is None else [_cell(cost.per_patch), _cell(cost.percent_of_largest)]
+    if cost is None:
+        return ['', '', '']
+    return [_cell(cost.per_patch), _cell(cost.percent_of_largest), _cell(cost.percent_of_full_image)]
 
 
 def _csv_row(setting: SettingResult, record: Row, image: str) -> list[str]:
@@ -96,9 +99,9 @@ def _quality(record: SetRecord) -> str:
     return 'no GT'
 
 
-def _percent(record: SetRecord, convention: str) -> Optional[float]:
+def _percent(record: SetRecord, convention: str, of: str = 'percent_of_largest') -> Optional[float]:
     cost = record.flops.get(convention)
-    return None if cost is None else cost.percent_of_largest
+    return None if cost is None else getattr(cost, of)
 
 
 def _set_line(setting_name: str, record: SetRecord) -> str:
@@ -106,7 +109,8 @@ def _set_line(setting_name: str, record: SetRecord) -> str:
     shares = '/'.join(f'{100 * n / patches:.0f}' if patches else '-' for n in record.counts)
     return (f'{setting_name:<22} {record.dataset:<12} {record.images:>6} {shares:>12} '
             f'{_quality(record):>20} {_fmt(_percent(record, "paper"), ".1f"):>8} '
-            f'{_fmt(_percent(record, "macs"), ".1f"):>7} {_fmt(record.time_s, ".2f"):>9}')
+            f'{_fmt(_percent(record, "macs"), ".1f"):>7} '
+            f'{_fmt(_percent(record, "macs", "percent_of_full_image"), ".1f"):>7} {_fmt(record.time_s, ".2f"):>9}')
 
 
 def _comparison_line(entry: Comparison) -> str:
@@ -122,12 +126,13 @@ def _comparison_line(entry: Comparison) -> str:
 
 def format_summary(report: Report) -> str:
     """A one-screen plain-text summary: one line per setting and dataset (images, class shares in
-    %, PSNR/SSIM (Y if present), FLOPs per patch in % of the largest branch in both conventions,
-    total time), then the comparisons, the failures and what the two conventions mean."""
+    %, PSNR/SSIM (Y if present), FLOPs per patch in % of the largest branch in both conventions, MACs in %
+    of the backbone on the whole image, total time), then the comparisons, the failures and what the
+    figures mean."""
     lines = [
         f'{report.created}  device {report.device}, torch {report.torch}, {report.threads} threads',
         f"{'setting':<22} {'dataset':<12} {'images':>6} {'classes %':>12} {'PSNR/SSIM':>20} "
-        f"{'paper %':>8} {'MACs %':>7} {'time s':>9}"
+        f"{'paper %':>8} {'MACs %':>7} {'full %':>7} {'time s':>9}"
     ]
     for setting in report.settings:
         lines += [_set_line(setting.name, record) for record in setting.sets]
@@ -137,16 +142,22 @@ def format_summary(report: Report) -> str:
     if report.failures:
         lines += ['', f"{len(report.failures)} file{'s' if len(report.failures) != 1 else ''} failed:"]
         lines += [f'  {failure.file}: {failure.error}' for failure in report.failures]
-    lines += ['', 'FLOPs %: cost per patch, in % of the largest branch on one patch.', CONVENTION_NOTE]
+    lines += [
+        '', 'paper % / MACs %: cost per patch, in % of the largest branch on one patch (the papers\' tables); '
+        'full %: MACs executed, in % of the largest branch on the whole image.', CONVENTION_NOTE
+    ]
     return '\n'.join(lines)
 
 
 # ----------------------------------------------------------------------------- plot series
 
+FULL_IMAGE_XLABEL = 'FLOPs executed, % of the largest branch on the whole image ({convention})'
+
 
 def sweep_series(report: Report, convention: str = 'paper') -> list[dict]:
     """PSNR-FLOPs series for ``utils.viz.plot_psnr_flops``: per dataset the routed settings as one curve,
-    each baseline as a point (PSNR on Y; settings without ground truth are left out)."""
+    each baseline as a point (PSNR on Y; settings without ground truth are left out). x: the FLOPs executed
+    in % of the backbone on the whole image (``FULL_IMAGE_XLABEL``)."""
     series = []
     routed = [s for s in report.settings if s.kind == 'routed']
     datasets = dict.fromkeys(row.dataset for s in report.settings for row in s.sets)
@@ -156,7 +167,7 @@ def sweep_series(report: Report, convention: str = 'paper') -> list[dict]:
             row = next((r for r in setting.sets if r.dataset == dataset), None)
             if row is None or row.psnr_y is None:
                 return None
-            return (row.flops[convention].percent_of_largest, row.psnr_y)
+            return (row.flops[convention].percent_of_full_image, row.psnr_y)
 
         points = sorted(p for p in map(point, routed) if p is not None)
         if points:

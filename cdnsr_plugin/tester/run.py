@@ -7,17 +7,25 @@ count its FLOPs -> write the SR image and class map of the first setting. A file
 is recorded in ``failures`` with the reason and the run goes on; the exit status is non-zero if any
 image failed.
 
-FLOPs accounting (per image, both conventions): a routed setting costs ``sum_j counts_j * (C_cls + C_j)``
-(the classifier runs on every tile; the Laplacian router's ~8 MACs per pixel replace it);
-``backbone patch-wise`` costs ``N * C_largest``; ``backbone full image`` costs the largest branch on the
-whole image, extrapolated exactly from two probe sizes (``inference.costs.full_image_cost``), i.e. without
-the ``(32/28)^2`` overlap of tiles. ``per_patch`` divides every total by the same tile count ``N``. With
-``--tiling regions`` routed and patch-wise settings cost what ran (``inference.costs.executed_cost``: each
-branch's cost per pixel x the pixels its regions processed, halos included, plus the classifier or router on
-every tile), and each record holds ``pixel_ratio``, the processed / image pixels.
+Tiling. The default, ``--tiling regions``: routed settings classify non-overlapping 32x32 cells and run
+rectangles of cells with real context (``inference.regions``); ``backbone patch-wise`` stays the papers'
+comparison (every 32x32 tile at stride 28 through the largest branch, zero padding, overlaps averaged),
+``backbone full image`` the honest baseline. ``--tiling paper`` runs the routed settings as the papers do.
+
+FLOPs accounting (per image, both conventions). Regions: a routed setting costs what ran
+(``inference.costs.executed_cost``: each branch's cost per pixel x the pixels its regions processed, halos
+included, plus the classifier or router on every cell); each record holds ``pixel_ratio``, the processed /
+image pixels. Paper tiling: ``sum_j counts_j * (C_cls + C_j)`` (the classifier runs on every tile; the
+Laplacian router's ~8 MACs per pixel replace it). ``backbone patch-wise`` costs ``N * C_largest``;
+``backbone full image`` costs the largest branch on the whole image, extrapolated exactly from two probe
+sizes (``inference.costs.full_image_cost``). Per record: ``per_patch`` = total / the setting's tile count
+(cells or papers' tiles), ``percent_of_largest`` = that per tile in % of the largest branch on one tile (the
+papers' tables), ``percent_of_full_image`` = total in % of ``backbone full image`` (the honest figure).
+Comparisons divide totals over the same images.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import sys
@@ -46,7 +54,7 @@ from cdnsr_plugin.utils.checkpoint import load_parts, load_weights
 from cdnsr_plugin.utils.image import to_tensor
 from cdnsr_plugin.utils.io import SkipImage, Skipped, list_images, read_image, write_image
 from cdnsr_plugin.utils.timing import Measurement, measure
-from cdnsr_plugin.utils.viz import draw_class_map
+from cdnsr_plugin.utils.viz import draw_class_map, draw_region_map
 
 
 class ImageFailure(Exception):
@@ -222,11 +230,14 @@ class Runner:
         self.router = load_router(cfg, net.num_classes)
         macs = LAPLACIAN_MACS_PER_PIXEL * patch * patch
         self.router_cost = {'macs': macs, 'paper': 2 * macs} if self.router else None
-        full_image = any(s.kind == 'backbone-full' for s in cfg.settings)
-        self.full_coefficients = full_image_coefficients(net.branches[-1], patch) if full_image else None
+        self.full_coefficients = full_image_coefficients(net.branches[-1], patch)
         self.regions = cfg.engine.tiling == 'regions'
         self.branch_coefficients = [full_image_coefficients(b, patch) for b in net.branches] if self.regions else None
         self.engine = RoutedEngine(net, cfg.engine, self.device)
+        # the papers' patch-wise backbone, whatever the routed tiling (same converted network: no second copy)
+        self.paper_engine = (
+            RoutedEngine(self.engine.net, dataclasses.replace(cfg.engine, tiling='paper'), self.device)
+            if self.regions else self.engine)
         self.results = [SettingResult(s.name, s.kind) for s in cfg.settings]
         self.failures: list[Failure] = []
         self.notes: list[dict] = []
@@ -286,18 +297,23 @@ class Runner:
                                      self.engine.num_classes)
             for warning in caught:
                 self.note(pair.path, [f'{setting.name}: {warning.message}'])
-            plan = None
+            plan, setting_grid = None, grid
+            if setting.kind == 'backbone-patch' and self.regions:
+                setting_grid = self.paper_engine.grid(lr)
+                labels = torch.full((len(setting_grid), ), self.engine.num_classes - 1, dtype=torch.long)
             with measure(self.device) as timing:
                 if setting.kind == 'backbone-full':
                     sr = self.engine.backbone_full(lr)
+                elif setting.kind == 'backbone-patch':
+                    sr = self.paper_engine.render(lr, labels, setting_grid)
                 else:
                     sr = self.engine.render(lr, labels, grid)
                     plan = self.engine.last_plan if self.regions else None
             seconds = timing.seconds + (routing_time.seconds if setting.kind == 'routed' else 0.0)
             sr_img = tensor2img(sr.cpu(), rgb2bgr=True, min_max=(0, 1))
-            record = self.record(spec, pair, setting, labels, eta, sr_img, seconds, timing, grid, plan)
+            record = self.record(spec, pair, setting, labels, eta, sr_img, seconds, timing, setting_grid, plan)
             if setting.name == self.cfg.save_setting and self.cfg.save_images:
-                self.save_images(spec, pair.path.stem, sr_img, labels, grid, record)
+                self.save_images(spec, pair.path.stem, sr_img, labels, setting_grid, record, plan)
             records.append(record)
         for result, record in zip(self.results, records):
             result.images.append(record)
@@ -323,6 +339,9 @@ class Runner:
         flops = flops_of(setting, counts, self.table, self.router_cost, self.full_coefficients, lr_size)
         if plan is not None:
             flops = executed_flops(setting, plan, len(grid), self.table, self.router_cost, self.branch_coefficients)
+        full = full_image_cost(self.full_coefficients, *lr_size)
+        for convention, cost in flops.items():
+            cost.percent_of_full_image = 100.0 * cost.total / full[convention]
         return ImageRecord(
             spec.name,
             pair.path.stem,
@@ -336,15 +355,26 @@ class Runner:
             peak_memory_mb=timing.peak_memory_mb,
             pixel_ratio=None if plan is None else plan.pixel_ratio())
 
-    def save_images(self, spec: DatasetSpec, stem: str, sr_img: np.ndarray, labels: torch.Tensor, grid: PatchGrid,
-                    record: ImageRecord) -> None:
-        """Write the SR image and its class map (atomically) and note their paths in ``record``."""
+    def save_images(self,
+                    spec: DatasetSpec,
+                    stem: str,
+                    sr_img: np.ndarray,
+                    labels: torch.Tensor,
+                    grid: PatchGrid,
+                    record: ImageRecord,
+                    plan: Optional[Plan] = None) -> None:
+        """Write the SR image and its class map (atomically) and note their paths in ``record``. Under
+        regions the map shows the branch each pixel ran on and the executed regions' outlines."""
         folder = self.cfg.out / spec.name
         sr_path, overlay_path = folder / f'{stem}.png', folder / f'{stem}_classmap.png'
         write_image(sr_path, sr_img)
-        overlay = draw_class_map(sr_img,
-                                 grid.positions().numpy(), grid.patch, self.engine.scale, labels.numpy(),
-                                 self.engine.num_classes)
+        if plan is not None:
+            overlay = draw_region_map(sr_img, plan.region_map(), [r.branch for r in plan.regions], self.engine.scale,
+                                      self.engine.num_classes)
+        else:
+            overlay = draw_class_map(sr_img,
+                                     grid.positions().numpy(), grid.patch, self.engine.scale, labels.numpy(),
+                                     self.engine.num_classes)
         write_image(overlay_path, overlay)
         record.sr_path, record.overlay_path = str(sr_path), str(overlay_path)
 

@@ -156,6 +156,47 @@ def draw_class_map(sr_bgr: np.ndarray,
     return out
 
 
+def draw_region_map(sr_bgr: np.ndarray,
+                    owner: np.ndarray,
+                    branches: Sequence[int],
+                    scale: int,
+                    num_classes: int,
+                    alpha: float = 0.4) -> np.ndarray:
+    """Tint an SR image with the branch that ran each pixel and outline the executed regions (tiling
+    ``regions``: ``inference.regions.Plan``), so a promoted cell shows the branch it ran on.
+
+    Args:
+        sr_bgr: uint8 ``(H, W, 3)`` SR image, ``H = scale * h``; not modified.
+        owner: ``(h, w)`` index of the region owning each LR pixel (``Plan.region_map``).
+        branches: the branch of each region.
+        scale: SR factor.
+        num_classes: number of branches (colours from :func:`class_colors`).
+        alpha: tint strength in ``[0, 1]``.
+
+    Returns:
+        A new uint8 image; region borders are drawn one SR pixel wide at halved brightness.
+    """
+    image = np.asarray(sr_bgr)
+    owner = np.asarray(owner)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[:2] != (scale * owner.shape[0],
+                                                                         scale * owner.shape[1]):
+        raise ValueError(f'sr_bgr must be a uint8 ({scale} x {owner.shape}, 3) image, got {image.dtype} {image.shape}')
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f'alpha must lie in [0, 1], got {alpha}')
+    branch = np.asarray(branches, dtype=np.int64)[owner]
+    if branch.min() < 0 or branch.max() >= num_classes:
+        raise ValueError(f'branches must lie in [0, {num_classes}), got {branch.min()}..{branch.max()}')
+    big = owner.repeat(scale, 0).repeat(scale, 1)
+    palette = np.array(class_colors(num_classes), dtype=np.uint8)
+    tint = palette[branch.repeat(scale, 0).repeat(scale, 1)]
+    out = cv2.addWeighted(np.ascontiguousarray(image), 1.0 - alpha, tint, alpha, 0.0)
+    edge = np.zeros(big.shape, dtype=bool)
+    edge[1:] |= big[1:] != big[:-1]
+    edge[:, 1:] |= big[:, 1:] != big[:, :-1]
+    out[edge] //= 2
+    return out
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -182,8 +223,12 @@ def _plot_series(ax: Any, item: dict, points: list[tuple[float, float, Optional[
             ax.annotate(text, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7)
 
 
-def plot_psnr_flops(series: Sequence[dict], path: Path | str, convention: str = 'paper', title: str = '') -> Path:
-    """PSNR against FLOPs per patch (in % of the largest branch), written atomically as a PNG.
+def plot_psnr_flops(series: Sequence[dict],
+                    path: Path | str,
+                    convention: str = 'paper',
+                    title: str = '',
+                    xlabel: Optional[str] = None) -> Path:
+    """PSNR against FLOPs (by default per patch, in % of the largest branch), written atomically as a PNG.
 
     Args:
         series: items ``{"label", "points": [(flops_percent, psnr_db[, annotation]), ...],
@@ -193,6 +238,7 @@ def plot_psnr_flops(series: Sequence[dict], path: Path | str, convention: str = 
         path: PNG to write (150 dpi).
         convention: FLOPs convention named on the x axis (``paper`` or ``macs``).
         title: figure title.
+        xlabel: x-axis label, where the points are another percentage (``{convention}`` is filled in).
 
     Returns:
         ``path``.
@@ -217,7 +263,7 @@ def plot_psnr_flops(series: Sequence[dict], path: Path | str, convention: str = 
         plotted += 1
     if not plotted:
         raise ValueError('nothing to plot: no series has a point with both FLOPs and PSNR (ground truth missing?)')
-    ax.set_xlabel(f'FLOPs per patch, % of largest branch ({convention})')
+    ax.set_xlabel((xlabel or 'FLOPs per patch, % of largest branch ({convention})').format(convention=convention))
     ax.set_ylabel('PSNR (dB)')
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.1, y=0.1)  # room for the annotations

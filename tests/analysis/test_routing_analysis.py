@@ -10,7 +10,7 @@ from basicsr.utils import tensor2img
 
 from cdnsr_plugin.analysis.report import write
 from cdnsr_plugin.analysis.routing import (ROUTERS, analyze, branch_class_table, collect, psnr_of, router_scores,
-                                           tile_errors)
+                                           tile_boxes, tile_errors)
 from cdnsr_plugin.inference.costs import cost_table, full_image_coefficients
 from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
 from cdnsr_plugin.inference.policies import solve_budget
@@ -21,20 +21,66 @@ from helpers import make_net
 
 @pytest.fixture(scope='module')
 def engine():
-    return RoutedEngine(make_net(), EngineOptions(max_batch=8))
+    return RoutedEngine(make_net(), EngineOptions(max_batch=8, tiling='paper'))
 
 
-@pytest.fixture(scope='module')
-def images(engine, photos):
-    """Two real crops (HR 400x480 and 256x320: 20 and 9 tiles) with their x4 bicubic LR, every branch run on
-    every tile."""
+def collect_crops(engine, photos, sizes=((400, 480), (256, 320))):
     collected = []
-    for index, (h, w) in enumerate(((400, 480), (256, 320))):
+    for index, (h, w) in enumerate(sizes):
         gt = np.ascontiguousarray(photos[index][:h, :w])
         lr = to_tensor(bicubic_resize(gt, 0.25))
         coefficients = full_image_coefficients(engine.net.branches[-1])
         collected.append(collect(engine, f'crop{index}', lr, gt, full_coefficients=coefficients))
     return collected
+
+
+@pytest.fixture(scope='module')
+def images(engine, photos):
+    """Two real crops (HR 400x480 and 256x320: 20 and 9 tiles) with their x4 bicubic LR, every branch run on
+    every tile (the papers' tiling)."""
+    return collect_crops(engine, photos)
+
+
+@pytest.fixture(scope='module')
+def regions(photos):
+    """The same under the default tiling (regions) with the exact halo; the second crop's last cell column
+    is 16 LR pixels wide."""
+    engine = RoutedEngine(make_net(), EngineOptions(max_batch=8, halo='exact', max_region=2))
+    return engine, collect_crops(engine, photos)
+
+
+def test_regions_routing_scores_the_image_the_engine_renders_and_costs_what_it_ran(regions):
+    engine, images = regions
+    rng = np.random.default_rng(1)
+    for image in images:
+        labels = rng.integers(0, 3, len(image.grid))
+        sr = engine.render(image.lr, torch.from_numpy(labels), image.grid)
+        rendered = tensor2img(sr, rgb2bgr=True, min_max=(0, 1))
+        # the engine's regions with the exact halo equal each branch on the whole image to float rounding
+        assert psnr_of(image, labels, 4) == pytest.approx(
+            calculate_psnr(rendered, image.gt, 4, test_y_channel=True), abs=2e-3)
+        plan = engine.last_plan
+        ran, macs = image.execution.run(labels)
+        assert (ran >= labels).all() and (ran > labels).sum() == plan.promoted
+        coefficients = [full_image_coefficients(b) for b in engine.net.branches]
+        expected = sum(c['macs'][0] * n + c['macs'][1] * k
+                       for c, n, k in zip(coefficients, plan.processed(3), plan.passes(3)))
+        assert macs == pytest.approx(expected, rel=1e-6)
+    assert images[1].pixels.tolist().count(128 * 64) == 2  # narrow cells are scored on their own pixels
+
+
+def test_regions_analysis_reports_executed_costs_beside_the_papers_tiles(tmp_path, regions):
+    engine, images = regions
+    analysis = analyze(images, cost_table(engine.net), 4, budgets=(0.5, ))
+    assert analysis.tiling == 'regions'
+    for point in analysis.points:
+        assert point.percent_of_full_image is not None and point.percent_of_full_image > 0
+    oracle = next(p for p in analysis.points if p.router == 'oracle')
+    learned = next(p for p in analysis.points if p.router == 'learned' and p.budget == 0.5)
+    assert learned.percent_of_full_image > oracle.percent_of_full_image  # the classifier's own cost is counted
+    assert analysis.backbone_patchwise_percent_of_full > 100  # the papers' tiles overlap
+    text = write(analysis, tmp_path, 'regions')[1].read_text()
+    assert 'seam-free regions' in text and "papers' tiles" in text
 
 
 def test_a_routing_scores_the_image_the_engine_renders(engine, images):
@@ -47,7 +93,7 @@ def test_a_routing_scores_the_image_the_engine_renders(engine, images):
 
 def test_tile_errors_are_the_y_errors_of_each_branch(engine, images):
     image = images[1]
-    errors, pixels = tile_errors(image.sr_tiles, image.gt, image.grid, 4)
+    errors, pixels = tile_errors(image.sr_tiles, image.gt, tile_boxes(image.grid), 4)
     assert errors.shape == (len(image.grid), 3) and (pixels == 128 * 128).all()
     y, x = image.grid.positions()[0].tolist()
     sr = tensor2img(image.sr_tiles[2, 0], rgb2bgr=True, min_max=(0, 1)).astype(np.float64)

@@ -14,9 +14,10 @@ from cdnsr_plugin.utils.timing import measure
 from helpers import brightness_router, make_net
 
 
-@pytest.fixture(scope='module')
-def engine():
-    return RoutedEngine(make_net(), EngineOptions(max_batch=3, chunk=8), 'cpu')
+@pytest.fixture(scope='module', params=['regions', 'paper'])
+def engine(request):
+    """The default execution (regions, the backbone's default halo) and the papers' tiling."""
+    return RoutedEngine(make_net(), EngineOptions(max_batch=3, chunk=8, tiling=request.param), 'cpu')
 
 
 @pytest.mark.parametrize('height,width', [(97, 250), (33, 31), (1, 1), (32, 29)])
@@ -52,7 +53,8 @@ def test_channels_last_changes_nothing_but_speed(lr_image):
     assert (results[0] - results[1]).abs().max() < 1e-5
 
 
-def test_backbone_patchwise_is_the_largest_branch_on_every_tile(engine, lr_image):
+def test_backbone_patchwise_is_the_largest_branch_on_every_tile(lr_image):
+    engine = RoutedEngine(make_net(), EngineOptions(max_batch=3, chunk=8, tiling='paper'), 'cpu')
     expected, _ = super_resolve_patches(lr_image, engine.net.branches[-1], 4)
     assert (engine.backbone_patchwise(lr_image) - expected).abs().max() < 1e-5
 
@@ -102,7 +104,7 @@ def identical_branches(lr_image):
 
 def test_identical_branches_equal_single_network_patchwise(identical_branches, lr_image):
     net, single = identical_branches
-    result = RoutedEngine(net, EngineOptions(max_batch=7)).super_resolve(lr_image)
+    result = RoutedEngine(net, EngineOptions(max_batch=7, tiling='paper')).super_resolve(lr_image)
     routed, labels, grid = result.sr, result.labels, result.grid
     with torch.no_grad():
         patchwise, _ = super_resolve_patches(lr_image, single, scale=4)

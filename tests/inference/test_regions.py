@@ -8,7 +8,8 @@ from torch import nn
 
 from cdnsr_plugin.archs.cdnsr_arch import CDNSRNet
 from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
-from cdnsr_plugin.inference.regions import cell_grid, plan_regions, promote_isolated, receptive_radius
+from cdnsr_plugin.inference.regions import (DEFAULT_HALO, cell_grid, default_halo, parse_halo, plan_regions,
+                                            promote_isolated, receptive_radius)
 
 BRANCHES = {
     'FSRCNN': {'type': 'FSRCNN', 'd': 16, 's': 12, 'm': 4, 'upscale': 4},
@@ -27,7 +28,8 @@ def identical_branches(branch: dict) -> CDNSRNet:
 
 @pytest.mark.parametrize('name', sorted(BRANCHES))
 def test_regions_with_the_measured_halo_equal_the_whole_image(name):
-    engine = RoutedEngine(identical_branches(BRANCHES[name]), EngineOptions(tiling='regions', max_region=3), 'cpu')
+    options = EngineOptions(tiling='regions', halo='exact', max_region=3)
+    engine = RoutedEngine(identical_branches(BRANCHES[name]), options, 'cpu')
     generator = torch.Generator().manual_seed(1)
     for height, width in [(1, 1), (31, 33), (97, 250)]:
         lr = torch.rand(3, height, width, generator=generator)
@@ -37,7 +39,49 @@ def test_regions_with_the_measured_halo_equal_the_whole_image(name):
         for labels in (checkerboard, torch.arange(rows * cols) % 3):
             routed = engine.render(lr, labels, grid)
             assert (routed - engine.backbone_full(lr)).abs().max() <= 1e-5, (name, height, width)
-        assert torch.allclose(engine.render_loop(lr, labels, grid), routed, atol=1e-6)  # batch size only
+            assert torch.allclose(engine.render_loop(lr, labels, grid), routed, atol=1e-6)  # batch size only
+
+
+@pytest.mark.parametrize('name', sorted(BRANCHES))
+def test_each_region_is_its_own_branch_on_the_whole_image(name):
+    """Different branches, exact halo: every output pixel is the branch that ran its region, as that branch
+    gives it on the whole image; promotion may give a cell a larger branch, never a smaller one."""
+    torch.manual_seed(3)
+    net = CDNSRNet(branches=[BRANCHES[name]] * 3, classifier={'type': 'PatchClassifier', 'num_classes': 3}, scale=4)
+    engine = RoutedEngine(net, EngineOptions(tiling='regions', halo='exact', max_region=2), 'cpu')
+    lr = torch.rand(3, 97, 130, generator=torch.Generator().manual_seed(4))
+    grid = engine.grid(lr)
+    labels = torch.randint(0, 3, (len(grid), ), generator=torch.Generator().manual_seed(5))
+    routed = engine.render(lr, labels, grid)
+    with torch.no_grad():
+        wholes = [branch(lr[None])[0] for branch in net.branches]
+    plan = engine.last_plan
+    used = set()
+    for region in plan.regions:
+        box = (slice(None), slice(4 * region.y0, 4 * region.y1), slice(4 * region.x0, 4 * region.x1))
+        assert (routed[box] - wholes[region.branch][box]).abs().max() <= 1e-5
+        used.add(region.branch)
+    assert used == {0, 1, 2}
+    branch_of_pixel = np.array([r.branch for r in plan.regions])[plan.region_map()]
+    rows, cols = len(grid.ys), len(grid.xs)
+    label_of_pixel = labels.reshape(rows, cols).numpy().repeat(32, 0).repeat(32, 1)[:97, :130]
+    assert (branch_of_pixel >= label_of_pixel).all()
+
+
+def test_default_halo_follows_the_backbone_and_exact_is_the_measured_radius():
+    fsrcnn = CDNSRNet(branches=[BRANCHES['FSRCNN']] * 3, classifier={'type': 'PatchClassifier'}, scale=4)
+    assert default_halo(fsrcnn.branches) == DEFAULT_HALO['FSRCNN']
+    exact = default_halo(fsrcnn.branches, 'exact')
+    assert exact == receptive_radius(fsrcnn.branches[-1], size=128) > DEFAULT_HALO['FSRCNN']
+    assert default_halo(fsrcnn.branches, 3) == 3
+    plain = nn.Sequential(nn.Conv2d(3, 48, 5, padding=2), nn.PixelShuffle(4))  # not in the table: exact
+    assert default_halo([plain]) == 3
+    with pytest.raises(ValueError, match='halo'):
+        default_halo(fsrcnn.branches, 'wide')
+    assert parse_halo('exact') == 'exact' and parse_halo('4') == 4
+    for bad in ('-1', 'two', ''):
+        with pytest.raises(ValueError, match='--halo'):
+            parse_halo(bad)
 
 
 def test_a_small_halo_is_not_exact_and_the_measured_one_is():
@@ -45,10 +89,10 @@ def test_a_small_halo_is_not_exact_and_the_measured_one_is():
     lr = torch.rand(3, 97, 120, generator=torch.Generator().manual_seed(2))
     labels = torch.arange(len(cell_grid(97, 120))) % 3
     errors = {}
-    for halo in (0, None):
+    for halo in (0, 'exact'):
         engine = RoutedEngine(net, EngineOptions(tiling='regions', halo=halo, max_region=1), 'cpu')
         errors[halo] = float((engine.render(lr, labels) - engine.backbone_full(lr)).abs().max())
-    assert errors[0] > 1e-3 and errors[None] <= 1e-5
+    assert errors[0] > 1e-3 and errors['exact'] <= 1e-5
 
 
 def test_plan_partitions_the_image_and_never_runs_a_cell_on_a_smaller_branch():

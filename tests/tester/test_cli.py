@@ -16,6 +16,7 @@ from basicsr.archs import build_network
 
 from cdnsr_plugin.inference.costs import cost_table
 from cdnsr_plugin.inference.regions import receptive_radius
+from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.cli import main
 
 from helpers import TESTER_LR_SIZES, TESTER_NETWORK
@@ -41,7 +42,7 @@ def direct(root: Path, out: Path, *extra) -> list:
 def compared(setup, tmp_path_factory):
     root, _ = setup
     out = tmp_path_factory.mktemp('compared')
-    assert run_cli(direct(root, out, '--compare-backbone', '--max-batch', 5)) == 0
+    assert run_cli(direct(root, out, '--compare-backbone', '--max-batch', 5, '--tiling', 'paper')) == 0
     return out, json.loads((out / 'report.json').read_text())
 
 
@@ -90,7 +91,8 @@ def test_report_has_every_field_and_flops_follow_the_cost_table(setup, compared)
 
 def test_routing_every_tile_to_the_backbone_equals_the_patchwise_backbone(setup, tmp_path):
     root, _ = setup
-    assert run_cli(direct(root, tmp_path, '--eta', -1e4, '--compare-backbone', '--no-save-images')) == 0
+    args = direct(root, tmp_path, '--eta', -1e4, '--compare-backbone', '--no-save-images', '--tiling', 'paper')
+    assert run_cli(args) == 0
     report = json.loads((tmp_path / 'report.json').read_text())
     routed, _, patchwise = report['settings']
     compared = 0
@@ -102,26 +104,43 @@ def test_routing_every_tile_to_the_backbone_equals_the_patchwise_backbone(setup,
     assert compared >= 3
 
 
-def test_regions_tiling_matches_the_whole_image_and_costs_what_ran(setup, tmp_path):
+def test_regions_by_default_cost_what_ran_beside_the_papers_tiling(setup, tmp_path):
+    """Default tiling (regions): routed settings cost what ran; the patch-wise backbone is the papers' tiling;
+    every cost also in % of the backbone on the whole image; with the exact halo and every cell sent to the
+    backbone, the whole image's output."""
     root, net = setup
-    assert run_cli(direct(root, tmp_path, '--tiling', 'regions', '--compare-backbone', '--no-save-images')) == 0
-    report = json.loads((tmp_path / 'report.json').read_text())
-    routed, full, patchwise = report['settings']
-    # the report says how it ran: no halo given, so the largest measured radius over the branches
+    assert run_cli(direct(root, tmp_path / 'a', '--compare-backbone', '--halo', 'exact')) == 0
+    report = json.loads((tmp_path / 'a' / 'report.json').read_text())
     assert report['network']['tiling'] == 'regions'
     assert report['network']['halo'] == max(receptive_radius(b, size=128) for b in net.branches)
+    routed, full, patchwise = report['settings']
     table = cost_table(net, patch=32)
-    per_pixel = table.largest('macs') / 32**2  # FSRCNN: linear in the pixels it processes
+    per_pixel = [b.macs / 32**2 for b in table.branches]  # FSRCNN: linear in the pixels it processes
     for r, f, p in zip(routed['images'], full['images'], patchwise['images']):
-        # every cell to the backbone with the measured halo: the whole image's output, to the rounding
+        h, w = r['lr_size']
+        assert r['patches'] == math.ceil(h / 32) * math.ceil(w / 32)  # one cell per tile, no overlap
+        assert p['patches'] == len(PatchGrid.for_image(h, w)) and p['pixel_ratio'] is None  # the papers' 32/28
+        assert p['flops']['macs']['total'] == pytest.approx(p['patches'] * table.largest('macs'))
+        assert f['flops']['macs']['percent_of_full_image'] == pytest.approx(100.0)
+        assert r['pixel_ratio'] >= 1.0
+        # what ran: at least every pixel once by the cheapest branch, at most all processed by the largest
+        low = per_pixel[0] * h * w + table.classifier.macs * r['patches']
+        high = per_pixel[-1] * r['pixel_ratio'] * h * w + table.classifier.macs * r['patches']
+        assert low * 0.98 <= r['flops']['macs']['total'] <= high * 1.02
+        assert r['flops']['macs']['percent_of_full_image'] == pytest.approx(100 * r['flops']['macs']['total'] /
+                                                                            f['flops']['macs']['total'])
+    comparison = next(c for c in report['comparison'] if c['baseline'] == 'backbone full image')
+    assert comparison['flops_ratio']['macs'] == pytest.approx(routed['sets'][0]['flops']['macs']['total'] /
+                                                              full['sets'][0]['flops']['macs']['total'])
+    # the class map shows the executed regions
+    overlay = cv2.imread(routed['images'][-1]['overlay_path'])
+    assert overlay.shape[:2] == tuple(routed['images'][-1]['sr_size'])
+
+    assert run_cli(direct(root, tmp_path / 'b', '--compare-backbone', '--halo', 'exact', '--eta', -1e4)) == 0
+    routed, full, _ = json.loads((tmp_path / 'b' / 'report.json').read_text())['settings']
+    for r, f in zip(routed['images'], full['images']):
         if f['psnr'] is not None and math.isfinite(f['psnr']):
-            assert p['psnr'] == pytest.approx(f['psnr'], abs=0.01)
-        assert p['pixel_ratio'] >= 1.0 and r['pixel_ratio'] >= 1.0
-        processed = p['pixel_ratio'] * r['lr_size'][0] * r['lr_size'][1]
-        assert p['flops']['macs']['total'] == pytest.approx(per_pixel * processed, rel=0.02)
-        assert r['flops']['macs']['total'] >= table.classifier.macs * r['patches']  # classifier counted
-    big = next(r for r in patchwise['images'] if r['image'] == 'd_200x260')
-    assert big['patches'] == 7 * 9  # one 32x32 cell per tile, no overlap
+            assert r['psnr'] == pytest.approx(f['psnr'], abs=0.01)
 
 
 def test_images_too_small_to_score_get_no_metric_instead_of_nan(compared):
@@ -263,7 +282,7 @@ def test_laplacian_router_fitted_on_a_prepared_set(setup, tmp_path, photos):
         branches.append(str(tmp_path / f'branch{i}.pth'))
     code = run_cli([
         '--input', root / 'lr', '--gt', root / 'hr', '--network', root / 'net.yml', '--branches', ','.join(branches),
-        '--router', 'laplacian', '--fit-router', prepared, '--out', out
+        '--router', 'laplacian', '--fit-router', prepared, '--out', out, '--tiling', 'paper'
     ])
     assert code == 0
     report = json.loads((out / 'report.json').read_text())

@@ -25,9 +25,11 @@ def image_record(dataset: str,
                  psnr: float | None = 30.0,
                  time_s: float = 1.0,
                  memory: float | None = None) -> ImageRecord:
-    """An image record as the runner writes it, percent derived from the largest branch."""
+    """An image record as the runner writes it, percent derived from the largest branch; the whole image
+    costs 80% of its tiles through the largest branch."""
     flops = {
-        key: Flops(total, total / patches, 100 * total / patches / LARGEST[key])
+        key: Flops(total, total / patches, 100 * total / patches / LARGEST[key],
+                   100 * total / (0.8 * patches * LARGEST[key]))
         for key, total in (('paper', paper_total), ('macs', macs_total))
     }
     quality = {
@@ -147,8 +149,9 @@ def test_write_report_json_round_trips_and_csv_rows(tmp_path, images):
         'flops', 'time_s', 'peak_memory_mb', 'sr_path', 'overlay_path', 'pixel_ratio'
     ]
     assert data['settings'][0]['sets'][0]['flops']['paper'] == {
-        'total': 22000.0, 'per_patch': 550.0, 'percent_of_largest': 55.0
+        'total': 22000.0, 'per_patch': 550.0, 'percent_of_largest': 55.0, 'percent_of_full_image': 55.0 / 0.8
     }
+    assert float(total['paper_pct_full']) == pytest.approx(55.0 / 0.8)  # sum of totals / sum of whole-image costs
 
 
 def test_write_report_replaces_existing_fully(tmp_path, images):

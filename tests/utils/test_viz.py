@@ -6,7 +6,8 @@ import torch
 
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.utils.io import write_image
-from cdnsr_plugin.utils.viz import caption_tile, class_colors, draw_class_map, montage, pixel_classes, plot_psnr_flops
+from cdnsr_plugin.utils.viz import (caption_tile, class_colors, draw_class_map, draw_region_map, montage, pixel_classes,
+                                    plot_psnr_flops)
 
 # ----------------------------------------------------------------------------- class maps
 
@@ -111,3 +112,23 @@ def test_montage_lays_out_rows_headers_and_padding():
     assert picture.shape == (34 + 2 * 128, 150 + 3 * 128, 3)
     assert (picture[34 + 128:, 150 + 128:] == 0).all()  # the second row is padded with black
     assert (picture[34:34 + 128, 150:150 + 128] == tile).all()
+
+
+def test_region_map_tints_by_executed_branch_and_outlines_regions():
+    from cdnsr_plugin.inference.regions import plan_regions
+    labels = np.array([0, 0, 2, 1, 1, 2])  # 2 x 3 cells of 8 LR pixels, last column 4 wide
+    plan = plan_regions(labels, 16, 20, 8, halo=1, max_cells=2, per_pixel=[1.0, 2.0, 3.0])
+    owner = plan.region_map()
+    sr = np.full((64, 80, 3), 200, dtype=np.uint8)
+    out = draw_region_map(sr, owner, [r.branch for r in plan.regions], 4, 3, alpha=1.0)
+    palette = class_colors(3)
+    for region in plan.regions:  # inside a region (away from its top/left border): the branch's colour
+        y, x = 4 * region.y1 - 1, 4 * region.x1 - 1
+        assert tuple(out[y, x]) == tuple(palette[region.branch])
+    edges = np.zeros(owner.repeat(4, 0).repeat(4, 1).shape, dtype=bool)
+    big = owner.repeat(4, 0).repeat(4, 1)
+    edges[1:] |= big[1:] != big[:-1]
+    edges[:, 1:] |= big[:, 1:] != big[:, :-1]
+    assert edges.any() and (out[edges] < out[~edges].max()).all()  # outlines are darkened
+    with pytest.raises(ValueError, match='uint8'):
+        draw_region_map(sr[:-4], owner, [r.branch for r in plan.regions], 4, 3)
