@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from cdnsr_plugin.compat import load_yaml
 from cdnsr_plugin.inference.engine import PRECISIONS, EngineOptions
-from cdnsr_plugin.inference.regions import parse_halo
+from cdnsr_plugin.inference.regions import DEFAULT_HALO, parse_halo
 
 DEFAULT_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ROUTERS = ('classifier', 'laplacian')
@@ -71,6 +71,7 @@ class TestConfig:
     compare_backbone: bool = False
     convention: str = 'paper'
     save_images: bool = True
+    overwrite: bool = False  # --out may hold an earlier run (its outputs are removed first)
     save_setting: Optional[str] = None
 
 
@@ -104,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         'option file BasicSR saved in the checkpoint\'s experiment folder)')
     source.add_argument('--scale', type=int, help='upscaling factor (checked against the network)')
     source.add_argument('--name', help='run name (default: from the option file, else the LR folder name)')
-    source.add_argument('--out', type=Path, help='results folder (default: results/<name>)')
+    source.add_argument('--out', type=Path, help='results folder, new or empty (default: results/<name>)')
+    source.add_argument(
+        '--overwrite',
+        action='store_true',
+        help='--out may hold an earlier run: its outputs (the files its report.json lists) are removed first')
     engine = parser.add_argument_group('engine')
     engine.add_argument('--patch', type=int, help='LR tile side (default 32)')
     engine.add_argument('--stride', type=int, help='step between tiles (default 28)')
@@ -119,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         '--halo',
         type=halo_type,
         help='regions: LR pixels of context per side, or "exact" (the measured receptive radius); default: '
-        'the backbone\'s measured default (FSRCNN 2, CARN 4, MSRResNet 6), else exact')
+        'the backbone\'s default (' + ', '.join(f'{k} {v}' for k, v in DEFAULT_HALO.items()) + '), else exact')
     engine.add_argument('--precision', choices=sorted(PRECISIONS), help='fp16/bf16 need CUDA (default fp32)')
     engine.add_argument('--device', help='cpu, cuda, cuda:1 or auto (default: option num_gpu, else auto)')
     engine.add_argument('--threads', type=int, help='CPU threads for torch (default: torch\'s choice)')
@@ -379,4 +384,5 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
         compare_backbone=bool(args.compare_backbone or val.get('compare_backbone')),
         convention=convention,
         save_images=not args.no_save_images and val.get('save_img', True) is not False,
+        overwrite=bool(args.overwrite),
         save_setting=_check_save_setting(args.save_setting, settings))

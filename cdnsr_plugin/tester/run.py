@@ -50,6 +50,7 @@ from cdnsr_plugin.inference.regions import Plan
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.config import DatasetSpec, Setting, TestConfig
 from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, SettingResult
+from cdnsr_plugin.tester.safety import check_finite_weights, check_out_folder, check_output_names
 from cdnsr_plugin.utils.checkpoint import load_parts, load_weights
 from cdnsr_plugin.utils.image import to_tensor
 from cdnsr_plugin.utils.io import SkipImage, Skipped, list_images, read_image, write_image
@@ -90,6 +91,8 @@ def load_network(cfg: TestConfig) -> torch.nn.Module:
     if cfg.checkpoint is not None:
         load_weights(net, cfg.checkpoint, cfg.param_key, cfg.strict)
     load_parts(net.named_parts(), cfg.parts)
+    sources = [str(cfg.checkpoint)] if cfg.checkpoint is not None else []
+    check_finite_weights(net.named_parts(), ', '.join(sources + [str(p) for p in cfg.parts.values()]))
     if cfg.scale is not None and cfg.scale != net.scale:
         raise ValueError(f'scale is {cfg.scale} but network_g upscales x{net.scale}')
     return net
@@ -224,6 +227,10 @@ class Runner:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        # before any work: nothing of the user's can be overwritten, and the results can be written
+        check_out_folder(cfg.out, [folder for spec in cfg.datasets for folder in (spec.lq, spec.gt)], cfg.overwrite)
+        if cfg.save_images:
+            check_output_names(spec.lq for spec in cfg.datasets if spec.lq.is_dir())
         net = load_network(cfg)
         patch = cfg.engine.patch
         self.table = cost_table(net, patch=patch)
@@ -309,6 +316,11 @@ class Runner:
                 else:
                     sr = self.engine.render(lr, labels, grid)
                     plan = self.engine.last_plan if self.regions else None
+            if not torch.isfinite(sr).all():
+                ran = sorted({r.branch for r in plan.regions}) if plan is not None else labels.unique().tolist()
+                raise ImageFailure(f'{pair.path}: non-finite values (NaN or inf) in the SR image of setting '
+                                   f'{setting.name!r} (branches {ran} ran on it); with --precision fp16 try fp32, '
+                                   'else the weights overflow on this input')
             seconds = timing.seconds + (routing_time.seconds if setting.kind == 'routed' else 0.0)
             sr_img = tensor2img(sr.cpu(), rgb2bgr=True, min_max=(0, 1))
             record = self.record(spec, pair, setting, labels, eta, sr_img, seconds, timing, setting_grid, plan)

@@ -1,0 +1,127 @@
+"""Hostile inputs to the tester that once overwrote or lost the user's files: refused before any work, with a
+message naming the folder, files or checkpoint part; the user's files unchanged (hashes before and after)."""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from cdnsr_plugin.tester.cli import main
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def run(root: Path, lr: Path, out: Path, *extra, checkpoint=None) -> int:
+    return main([
+        str(a) for a in ('--input', lr, '--checkpoint', checkpoint or root / 'net.pth', '--network', root / 'net.yml',
+                         '--scale', 4, '--out', out, *extra)
+    ])
+
+
+def small_lr(tmp_path: Path, setup) -> Path:
+    """A copy of two of the tester's LR images (the originals stay untouched)."""
+    root, _ = setup
+    folder = tmp_path / 'lr'
+    folder.mkdir()
+    for path in sorted((root / 'lr').iterdir())[:2]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_out_equal_to_inside_or_above_the_input_folder_is_refused(setup, tmp_path, capsys):
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    before = hashes(lr)
+    for out, where in ((lr, 'is the input folder'), (lr / 'sr', 'is inside'), (tmp_path, 'contains')):
+        assert run(root, lr, out) == 2
+        assert where in capsys.readouterr().err
+    assert hashes(lr) == before and not (lr / 'sr').exists()  # nothing written, nothing replaced
+
+
+def test_inputs_whose_outputs_would_collide_are_refused_before_any_work(setup, tmp_path, capsys):
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    first = sorted(lr.iterdir())[0]
+    img = cv2.imread(str(first))
+    cv2.imwrite(str(lr / f'{first.stem}.jpg'), img)  # same stem, other format
+    cv2.imwrite(str(lr / f'{first.stem}_classmap.png'), img)  # named like its class map
+    assert run(root, lr, tmp_path / 'out') == 2
+    message = capsys.readouterr().err
+    assert f'{first.stem}.jpg and {first.name}' in message and f"{first.stem}'s class map" in message
+    assert not any((tmp_path / 'out').rglob('*.png'))  # refused before any image
+    assert run(root, lr, tmp_path / 'out2', '--no-save-images') == 0  # nothing per image written: no collision
+
+
+def test_non_finite_weights_are_refused_naming_the_part(setup, tmp_path, capsys):
+    root, _ = setup
+    state = torch.load(root / 'net.pth', weights_only=True)
+    params = state['params'] if 'params' in state else state
+    key = next(k for k in params if k.startswith('branches.1.') and params[k].is_floating_point())
+    params[key] = torch.full_like(params[key], float('nan'))
+    torch.save(state, tmp_path / 'nan.pth')
+    lr = small_lr(tmp_path, setup)
+    assert run(root, lr, tmp_path / 'out', checkpoint=tmp_path / 'nan.pth') == 2
+    message = capsys.readouterr().err
+    assert 'non-finite' in message and 'branch1' in message and 'nan.pth' in message
+    assert not any((tmp_path / 'out').rglob('*.png'))
+
+
+def test_an_unwritable_out_is_refused_before_any_work(setup, tmp_path, capsys):
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    blocker = tmp_path / 'a_file'
+    blocker.write_bytes(b'not a folder')
+    assert run(root, lr, blocker / 'out') == 2
+    assert 'not writable' in capsys.readouterr().err
+    assert blocker.read_bytes() == b'not a folder'
+
+
+def test_images_that_come_out_non_finite_fail_and_the_rest_are_processed(setup, tmp_path):
+    """Finite weights can still overflow on an input: branch weights scaled by 1e30 send any non-black image to
+    inf/NaN, while a black image stays finite (zero activations plus unscaled biases). The overflowing images
+    are listed as failed with the reason, the black one is written, exit status 1."""
+    root, _ = setup
+    state = torch.load(root / 'net.pth', weights_only=True)
+    params = state['params'] if 'params' in state else state
+    for key, value in params.items():
+        if key.startswith('branches.') and key.endswith('weight') and value.dim() == 4:
+            params[key] = value * 1e30
+    torch.save(state, tmp_path / 'overflow.pth')
+    lr = small_lr(tmp_path, setup)
+    cv2.imwrite(str(lr / 'black.png'), np.zeros((40, 50, 3), dtype=np.uint8))
+    out = tmp_path / 'out'
+    assert run(root, lr, out, checkpoint=tmp_path / 'overflow.pth') == 1
+    report = json.loads((out / 'report.json').read_text())
+    failed = {Path(f['file']).name: f['error'] for f in report['failures']}
+    assert set(failed) == {p.name for p in lr.iterdir()} - {'black.png'}
+    assert all('non-finite values' in error for error in failed.values())
+    assert [r['image'] for r in report['settings'][0]['images']] == ['black']
+    assert (out / 'lr' / 'black.png').is_file()
+
+
+def test_a_second_run_into_the_same_folder_needs_overwrite_which_removes_only_the_earlier_run(setup, tmp_path, capsys):
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    out = tmp_path / 'out'
+    assert run(root, lr, out) == 0
+    first = json.loads((out / 'report.json').read_text())
+    outputs = [Path(r[k]) for r in first['settings'][0]['images'] for k in ('sr_path', 'overlay_path')]
+    assert outputs and all(p.is_file() for p in outputs)
+    (out / 'my_notes.txt').write_text('mine')
+    assert run(root, lr, out) == 2
+    assert 'not empty' in capsys.readouterr().err and all(p.is_file() for p in outputs)
+    # a smaller second run: the earlier run's images go, the user's own file stays, the report is this run's
+    (lr / sorted(p.name for p in lr.iterdir())[0]).unlink()
+    assert run(root, lr, out, '--overwrite') == 0
+    second = json.loads((out / 'report.json').read_text())
+    kept = {Path(r['sr_path']).name for r in second['settings'][0]['images']}
+    assert len(kept) == 1 and {p.name
+                               for p in (out / 'lr').glob('*.png')
+                               } == kept | {Path(r['overlay_path']).name
+                                            for r in second['settings'][0]['images']}
+    assert (out / 'my_notes.txt').read_text() == 'mine'
