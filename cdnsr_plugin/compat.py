@@ -57,7 +57,15 @@ def _safe_ordered_loader() -> type:
         """``yaml.SafeLoader`` that returns ``OrderedDict`` mappings, as basicsr expects."""
 
     def construct_ordered(loader: yaml.SafeLoader, node: yaml.Node) -> OrderedDict:
-        return OrderedDict(loader.construct_pairs(node))
+        pairs = loader.construct_pairs(node)
+        seen = set()
+        for (key, _), (key_node, _) in zip(pairs, node.value):
+            if key in seen:  # PyYAML keeps the last one silently: a typo-level mistake that changes a run
+                raise yaml.constructor.ConstructorError(None, None,
+                                                        f'duplicate key {key!r} (the file sets it twice; keep one)',
+                                                        key_node.start_mark)
+            seen.add(key)
+        return OrderedDict(pairs)
 
     SafeOrderedLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_ordered)
     return SafeOrderedLoader

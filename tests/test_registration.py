@@ -1,10 +1,14 @@
 """Registration into basicsr, the start-up hook, the compat layer."""
+from pathlib import Path
+
 import pytest
 import yaml
 from basicsr.utils.registry import ARCH_REGISTRY
 
 import cdnsr_plugin
 from cdnsr_plugin.registry import register
+
+REPO_OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 
 PLUGIN_ARCHS = {'FSRCNN', 'CARN', 'PatchClassifier', 'CDNSRNet'}
 
@@ -45,3 +49,19 @@ def test_basicsr_option_parsing_uses_a_safe_loader(tmp_path):
     assert not marker.exists()
     opt = yaml.load('b: 1\na: !!float 2e-4\nc: {d: 1}\n', Loader=ordered_yaml()[0])
     assert list(opt) == ['b', 'a', 'c'] and opt['a'] == 2e-4 and type(opt).__name__ == 'OrderedDict'
+
+
+def test_duplicate_option_keys_are_refused_naming_the_key_and_line(tmp_path):
+    """PyYAML lets the last of two equal keys win silently; an option file that sets ``lr`` twice is a
+    mistake that changes a run. Both loaders (basicsr's patched one and ``load_yaml``) refuse it."""
+    from cdnsr_plugin.compat import load_yaml, patch_basicsr
+    patch_basicsr()
+    from basicsr.utils.options import ordered_yaml
+    text = 'name: x\ntrain:\n  lr: 1.0e-3\n  total_iter: 10\n  lr: 2.0e-4\n'
+    with pytest.raises(yaml.YAMLError, match=r"duplicate key 'lr'[\s\S]*line 5"):
+        yaml.load(text, Loader=ordered_yaml()[0])
+    path = tmp_path / 'dup.yml'
+    path.write_text(text)
+    with pytest.raises(yaml.YAMLError, match="duplicate key 'lr'"):
+        load_yaml(str(path))
+    assert load_yaml(str(REPO_OPTIONS / 'networks' / 'CDNSR_FSRCNN_x4.yml'))['network_g']['type'] == 'CDNSRNet'

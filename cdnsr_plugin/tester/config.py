@@ -363,6 +363,9 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
     if checkpoint is None and router == 'classifier' and 'pretrain_network_classifier' not in parts:
         raise ValueError('routing by the learned classifier needs its weights: --checkpoint CKPT (or '
                          'path.pretrain_network_classifier); without a trained classifier use --router laplacian')
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f'--threads must be a positive number of CPU threads, got {args.threads}; omit it for '
+                         'torch\'s choice')
     settings = _settings(args, val, router)
     return TestConfig(
         name=str(name),

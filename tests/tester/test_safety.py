@@ -125,3 +125,10 @@ def test_a_second_run_into_the_same_folder_needs_overwrite_which_removes_only_th
                                } == kept | {Path(r['overlay_path']).name
                                             for r in second['settings'][0]['images']}
     assert (out / 'my_notes.txt').read_text() == 'mine'
+
+
+def test_a_non_positive_thread_count_is_refused(setup, tmp_path, capsys):
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    assert run(root, lr, tmp_path / 'out', '--threads', -1) == 2
+    assert '--threads must be a positive' in capsys.readouterr().err and not (tmp_path / 'out').exists()
