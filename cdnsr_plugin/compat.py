@@ -16,12 +16,13 @@ installed) gets basicsr unchanged apart from the registrations.
   full ``Loader``, which constructs arbitrary Python objects from tags such as
   ``!!python/object/apply``. It is replaced by a safe loader that keeps basicsr's ordered-dict behaviour,
   so an option file can never execute code. Standard tags (``!!float 2e-4``) still work.
-* ``cpu_resume`` (basicsr 1.4.2, machines without CUDA): basicsr's ``train.load_resume_state`` maps the
-  saved state onto ``torch.cuda.current_device()``, which fails without a GPU. On a machine without CUDA
-  the plugin's ``load_resume_state`` loads it on the CPU (``weights_only=True``); with CUDA, basicsr's
-  own runs. Effective for ``python -m cdnsr_plugin.train`` (which calls ``basicsr.train``); BasicSR's
-  stock ``basicsr/train.py`` script carries its own copy of the function, so CPU resume needs the
-  plugin's entry.
+* ``cpu_resume`` (basicsr 1.4.2): basicsr's ``train.load_resume_state`` maps the saved state onto
+  ``torch.cuda.current_device()``, which fails without a GPU, and with ``--auto_resume`` takes the newest
+  state even when a kill during its direct ``torch.save`` left it truncated (a traceback naming no file).
+  The plugin's ``load_resume_state`` loads on the CPU where there is no CUDA (``weights_only=True``) and
+  skips a state that does not load, with a warning naming it, for the next newest. Effective for
+  ``python -m cdnsr_plugin.train`` (which calls ``basicsr.train``); BasicSR's stock ``basicsr/train.py``
+  script carries its own copy of the function, so these need the plugin's entry.
 * ``cpu_distributed`` (basicsr 1.4.2, machines without CUDA): basicsr's ``_init_dist_pytorch`` divides
   the rank by the GPU count and sets a CUDA device. Without CUDA, the process group is initialised with
   the ``gloo`` backend instead (``torchrun --nproc_per_node 2 -m cdnsr_plugin.train ... --launcher
@@ -31,7 +32,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from collections import OrderedDict
+from typing import Optional
 
 _FUNCTIONAL_TENSOR = 'torchvision.transforms.functional_tensor'
 
@@ -94,37 +97,63 @@ def load_yaml(path: str) -> dict:
         return yaml.load(handle, Loader=_safe_ordered_loader())  # noqa: S506 (safe loader)
 
 
-def cpu_resume() -> None:
-    """Let ``basicsr.train.train_pipeline`` resume on machines without CUDA (see module doc)."""
-    import basicsr.train as train
+def resume_candidates(opt: dict) -> list[str]:
+    """Training states to resume from, newest first: with ``auto_resume`` every ``<iter>.state`` of the
+    experiment, else ``path.resume_state`` (if set)."""
+    import os.path as osp
+
+    from basicsr.utils import scandir
+    if opt.get('auto_resume'):
+        folder = osp.join('experiments', opt['name'], 'training_states')
+        names = list(scandir(folder, suffix='state', recursive=False, full_path=False)) if osp.isdir(folder) else []
+        iters = sorted((float(name.split('.state')[0]) for name in names), reverse=True)
+        return [osp.join(folder, f'{value:.0f}.state') for value in iters]
+    path = opt['path'].get('resume_state')
+    return [path] if path else []
+
+
+def load_resume_state(opt: dict) -> Optional[dict]:
+    """BasicSR's ``load_resume_state`` with two fixes: it runs without CUDA (states mapped to the CPU), and a
+    state that does not load (a kill during BasicSR's direct ``torch.save`` leaves a truncated file) is skipped
+    with a warning naming it, falling back to the next newest, whose network checkpoint then resumes. Raises
+    ``RuntimeError`` naming every file tried when none loads. ``weights_only`` loading throughout."""
     import torch
+    from basicsr.utils.misc import check_resume
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        location = lambda storage, loc: storage.cuda(device)  # noqa: E731 (as BasicSR maps states)
+    else:
+        location = 'cpu'
+    skipped = []
+    for path in resume_candidates(opt):
+        try:
+            state = torch.load(path, map_location=location, weights_only=True)
+            int(state['iter'])
+        except Exception as exc:  # noqa: BLE001 (truncated zip, unpickling error, missing key: all unusable)
+            skipped.append(f'{path} ({type(exc).__name__}: {exc})')
+            warnings.warn(f'training state {path} does not load ({type(exc).__name__}: {exc}); trying an older one')
+            continue
+        opt['path']['resume_state'] = path
+        check_resume(opt, state['iter'])
+        return state
+    if skipped:
+        raise RuntimeError('no training state could be loaded: ' + '; '.join(skipped) + '. Delete the broken files '
+                           'to resume from an older one, or start again without --auto_resume / resume_state')
+    return None
+
+
+def cpu_resume() -> None:
+    """Replace ``basicsr.train.load_resume_state`` by ``load_resume_state`` (CPU resume, broken states skipped)."""
+    import basicsr.train as train
 
     if getattr(train.load_resume_state, '_cdnsr_cpu', False):
         return
-    original = train.load_resume_state
 
-    def load_resume_state(opt):
-        if torch.cuda.is_available():
-            return original(opt)
-        import os.path as osp
+    def patched(opt: dict) -> Optional[dict]:
+        return load_resume_state(opt)
 
-        from basicsr.utils import scandir
-        from basicsr.utils.misc import check_resume
-        path = opt['path'].get('resume_state')
-        if opt['auto_resume']:
-            folder = osp.join('experiments', opt['name'], 'training_states')
-            states = list(scandir(folder, suffix='state')) if osp.isdir(folder) else []
-            if states:
-                path = osp.join(folder, f"{max(float(v.split('.state')[0]) for v in states):.0f}.state")
-                opt['path']['resume_state'] = path
-        if not path:
-            return None
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        check_resume(opt, state['iter'])
-        return state
-
-    load_resume_state._cdnsr_cpu = True  # type: ignore[attr-defined]
-    train.load_resume_state = load_resume_state
+    patched._cdnsr_cpu = True  # type: ignore[attr-defined]
+    train.load_resume_state = patched
 
 
 def cpu_distributed() -> None:

@@ -65,3 +65,35 @@ def test_duplicate_option_keys_are_refused_naming_the_key_and_line(tmp_path):
     with pytest.raises(yaml.YAMLError, match="duplicate key 'lr'"):
         load_yaml(str(path))
     assert load_yaml(str(REPO_OPTIONS / 'networks' / 'CDNSR_FSRCNN_x4.yml'))['network_g']['type'] == 'CDNSRNet'
+
+
+def test_auto_resume_skips_a_truncated_state_for_the_previous_one(tmp_path, monkeypatch):
+    """A kill during BasicSR's ``torch.save`` of ``200.state`` leaves a truncated file: resuming warns naming
+    it and resumes from ``100.state`` (whose network checkpoint ``check_resume`` then points at); when no
+    state loads, the error names every file."""
+    import torch
+
+    from cdnsr_plugin.compat import load_resume_state
+    monkeypatch.chdir(tmp_path)
+    states = tmp_path / 'experiments' / 'run' / 'training_states'
+    states.mkdir(parents=True)
+    torch.save({'iter': 100, 'epoch': 0, 'optimizers': [], 'schedulers': []}, states / '100.state')
+    torch.save({'iter': 200, 'epoch': 0, 'optimizers': [], 'schedulers': []}, states / '200.state')
+    whole = (states / '200.state').read_bytes()
+    (states / '200.state').write_bytes(whole[:len(whole) // 2])
+
+    def opt():
+        return {
+            'name': 'run', 'auto_resume': True, 'network_g': {'type': 'CDNSRNet'},
+            'path': {'models': 'experiments/run/models', 'resume_state': None}
+        }
+
+    resumed = opt()
+    with pytest.warns(UserWarning, match='200.state'):
+        state = load_resume_state(resumed)
+    assert state['iter'] == 100 and resumed['path']['resume_state'].endswith('100.state')
+    assert resumed['path']['pretrain_network_g'] == 'experiments/run/models/net_g_100.pth'
+    (states / '100.state').write_bytes(b'')
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=r'200\.state[\s\S]*100\.state'):
+        load_resume_state(opt())
+    assert load_resume_state({'name': 'none', 'auto_resume': True, 'path': {}}) is None  # nothing to resume
