@@ -133,7 +133,16 @@ def list_images(folder: Path | str, skipped: Optional[Skipped] = None) -> list[P
         if path.is_dir():
             continue
         if path.suffix.lower() in IMAGE_EXTENSIONS:
-            images.append(path)
+            if not path.is_file():  # follows links: a dangling link or a loop is not a file
+                reason = 'a symbolic link that leads nowhere (dangling, or a loop)' if path.is_symlink() else \
+                    'not a regular file'
+                if skipped is not None:
+                    skipped.add(path, reason)
+            elif not os.access(path, os.R_OK):
+                if skipped is not None:
+                    skipped.add(path, 'not readable (permissions)')
+            else:
+                images.append(path)
         elif skipped is not None:
             skipped.add(path, f'not an image (extension {path.suffix or "none"!r})')
     if not images:

@@ -26,3 +26,21 @@ def test_write_json_is_strict_and_write_image_round_trips(tmp_path):
     with pytest.raises(OSError, match='could not encode'):
         write_image(tmp_path / 'image.nosuchformat', image)
     assert not list(tmp_path.glob('*.nosuchformat')) and not list(tmp_path.glob('.*tmp'))
+
+
+def test_links_that_lead_nowhere_are_skipped_and_listed_not_fatal(tmp_path):
+    """A symlink loop or a dangling link in an input folder (once a traceback that ended the whole run of
+    tools/prepare_data.py) is skipped with the reason; the real images are still listed."""
+    import warnings
+
+    from cdnsr_plugin.utils.io import Skipped, list_images
+    write_image(tmp_path / 'real.png', np.zeros((4, 4, 3), dtype=np.uint8))
+    (tmp_path / 'loop.png').symlink_to(tmp_path / 'loop.png')
+    (tmp_path / 'dangling.jpg').symlink_to(tmp_path / 'gone.jpg')
+    skipped = Skipped()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter('always')
+        assert list_images(tmp_path, skipped) == [tmp_path / 'real.png']
+    reasons = dict(skipped.items)
+    assert set(reasons) == {str(tmp_path / 'loop.png'), str(tmp_path / 'dangling.jpg')}
+    assert all('leads nowhere' in reason for reason in reasons.values())
