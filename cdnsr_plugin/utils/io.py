@@ -179,6 +179,19 @@ def decode_image(data: Optional[bytes]) -> Optional[np.ndarray]:
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
 
 
+def _exif_oriented(data: np.ndarray) -> Optional[np.ndarray]:
+    """The image turned as its EXIF orientation says, or ``None`` when it has none to apply. OpenCV applies
+    the tag when decoding to colour but not with ``IMREAD_UNCHANGED`` (used to keep 16-bit and alpha), so a
+    phone photo would come out sideways; EXIF images are 8-bit colour (JPEG), so nothing else is lost."""
+    if b'Exif' not in data[:65536].tobytes():
+        return None
+    oriented = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    plain = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if oriented is None or plain is None or (oriented.shape == plain.shape and np.array_equal(oriented, plain)):
+        return None
+    return oriented
+
+
 def read_image(path: Path | str, min_size: int = 1) -> tuple[np.ndarray, list[str]]:
     """Read ``path`` as uint8 BGR; raise ``SkipImage`` (with the reason) if it cannot be used.
 
@@ -193,7 +206,9 @@ def read_image(path: Path | str, min_size: int = 1) -> tuple[np.ndarray, list[st
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
         raise SkipImage('unreadable or corrupt image file')
-    img, notes = to_bgr8(img)
+    oriented = _exif_oriented(data)
+    img, notes = to_bgr8(img) if oriented is None else (oriented,
+                                                        ['EXIF orientation applied (as photo viewers show it)'])
     if min(img.shape[:2]) < min_size:
         raise SkipImage(f'{img.shape[1]}x{img.shape[0]} is smaller than {min_size}x{min_size}')
     return img, notes

@@ -44,3 +44,28 @@ def test_links_that_lead_nowhere_are_skipped_and_listed_not_fatal(tmp_path):
     reasons = dict(skipped.items)
     assert set(reasons) == {str(tmp_path / 'loop.png'), str(tmp_path / 'dangling.jpg')}
     assert all('leads nowhere' in reason for reason in reasons.values())
+
+
+def exif_rotated_jpeg(img: np.ndarray, orientation: int) -> bytes:
+    """A JPEG of ``img`` with an EXIF APP1 segment holding only the orientation tag (0x0112)."""
+    import cv2
+    ok, encoded = cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    tiff = (b'MM\x00\x2a\x00\x00\x00\x08' + b'\x00\x01' + b'\x01\x12\x00\x03\x00\x00\x00\x01' +
+            orientation.to_bytes(2, 'big') + b'\x00\x00' + b'\x00\x00\x00\x00')
+    payload = b'Exif\x00\x00' + tiff
+    data = encoded.tobytes()
+    return data[:2] + b'\xff\xe1' + (len(payload) + 2).to_bytes(2, 'big') + payload + data[2:]
+
+
+def test_exif_orientation_is_applied_and_noted(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise) reads upright,
+    as photo viewers show it, with a note; without the tag nothing changes."""
+    img = np.zeros((40, 60, 3), dtype=np.uint8)
+    img[:10, :, 2] = 255  # a red band at the top
+    (tmp_path / 'turned.jpg').write_bytes(exif_rotated_jpeg(img, 6))
+    turned, notes = read_image(tmp_path / 'turned.jpg')
+    assert turned.shape == (60, 40, 3) and any('EXIF orientation' in n for n in notes)
+    assert turned[:, -10:, 2].mean() > 200 and turned[:, :10, 2].mean() < 50  # the top band is now on the right
+    (tmp_path / 'plain.jpg').write_bytes(exif_rotated_jpeg(img, 1))
+    plain, notes = read_image(tmp_path / 'plain.jpg')
+    assert plain.shape == (40, 60, 3) and notes == []
