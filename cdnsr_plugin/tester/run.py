@@ -50,7 +50,7 @@ from cdnsr_plugin.inference.regions import Plan
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.config import DatasetSpec, Setting, TestConfig
 from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, SettingResult
-from cdnsr_plugin.tester.safety import check_finite_weights, check_out_folder, check_output_names
+from cdnsr_plugin.tester.safety import check_finite_weights, check_memory, check_out_folder, check_output_names
 from cdnsr_plugin.utils.checkpoint import load_parts, load_weights
 from cdnsr_plugin.utils.image import to_tensor
 from cdnsr_plugin.utils.io import SkipImage, Skipped, list_images, read_image, write_image
@@ -288,6 +288,10 @@ class Runner:
     def run_image(self, spec: DatasetSpec, pair: LoadedPair) -> None:
         if pair.notes:
             self.note(pair.path, pair.notes)
+        try:
+            check_memory(pair.path, *pair.lr.shape[-2:], self.engine.scale, self.device)
+        except ValueError as exc:
+            raise ImageFailure(str(exc)) from None
         lr = pair.lr.to(self.device)
         grid = self.engine.grid(lr)
         with measure(self.device) as routing_time:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from cdnsr_plugin.tester.cli import main
@@ -132,3 +133,23 @@ def test_a_non_positive_thread_count_is_refused(setup, tmp_path, capsys):
     lr = small_lr(tmp_path, setup)
     assert run(root, lr, tmp_path / 'out', '--threads', -1) == 2
     assert '--threads must be a positive' in capsys.readouterr().err and not (tmp_path / 'out').exists()
+
+
+def test_an_output_that_cannot_fit_fails_that_image_before_any_work(setup, tmp_path, monkeypatch):
+    """The output's size is checked against the free memory before an image is run: the image that cannot
+    fit is listed as failed with the sizes, the others are processed (exit status 1)."""
+    from cdnsr_plugin.tester import safety
+    with pytest.raises(ValueError, match=r'160000x160000 output[\s\S]*GB'):
+        safety.check_memory(Path('huge.png'), 40000, 40000, 4, torch.device('cpu'))  # 576 GB at x4
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    sizes = {p.name: cv2.imread(str(p)).shape[:2] for p in lr.iterdir()}
+    big = max(sizes, key=lambda name: sizes[name][0] * sizes[name][1])
+    limit = 1.5 * safety.output_bytes(*sizes[big], 4) - 1  # just too little for the largest input
+    monkeypatch.setattr(safety, 'available_memory', lambda device: int(limit))
+    out = tmp_path / 'out'
+    assert run(root, lr, out) == 1
+    report = json.loads((out / 'report.json').read_text())
+    assert [Path(f['file']).name for f in report['failures']] == [big]
+    assert 'GB are free' in report['failures'][0]['error']
+    assert len(report['settings'][0]['images']) == len(sizes) - 1
