@@ -13,8 +13,8 @@ Runs the whole pipeline on photos that ship with scikit-image (nothing is downlo
 4. ``test``: ``tools/test_patches.py`` on the held-out photo with ``--compare-backbone`` and a budget
    sweep, which writes the SR image, the class map, report.json/csv and the PSNR-FLOPs plot.
 
-``--quick`` shrinks the training photos and the schedule (550 iterations instead of 2,400): 22 s instead of
-2 min 3 s on 2 CPU cores (measured 2026-11-22, README); CI runs it. Everything is written
+``--quick`` shrinks the training photos and the schedule (550 iterations instead of 2,400): 31 s instead of
+3 min 15 s on 2 CPU cores (measured 2026-11-29, README); CI runs it. Everything is written
 under ``--work`` (default ``cdnsr_demo``); a folder left by an earlier demo is replaced, any other existing
 folder is refused.
 """

@@ -14,7 +14,8 @@ median of ``--runs`` runs, in this order, on the same input and labels:
   (32/28, overlaps averaged), whatever ``--tiling`` the routed run uses.
 * ``backbone full``: the largest branch on the whole image (``--skip-full`` for 8K inputs: its feature
   maps need tens of GB).
-* ``per-patch loop`` (``--loop``): ClassSR's tester, one tile per forward pass, same labels.
+* ``per-patch loop`` (``--loop``): ClassSR's tester, one tile per forward pass, same labels;
+* the classifier alone (its share of the routed time is printed: where the time goes).
 
 With ``--tiling regions`` (the default: cells classified, rectangles executed with ``--halo`` pixels of real
 context; ``cdnsr_plugin.inference.regions``) the routed FLOPs are what ran (each branch's cost per pixel x the pixels
@@ -135,6 +136,9 @@ def bench_image(engine: RoutedEngine, paper: RoutedEngine, table, coefficients, 
     routed_flops = costs(table, labels, engine, coefficients)
     if engine.last_plan is not None and engine.options.tiling == 'regions':
         row['pixel_ratio'] = engine.last_plan.pixel_ratio()
+        row['regions'] = len(engine.last_plan.regions)
+    # where the routed time goes: the classifier alone (the rest is the branches, the planning and the merge)
+    row['classify_s'], _ = timed(lambda: engine.classify(lr, grid), runs, device)
     paper_grid = paper.grid(lr)
     row['patch_s'], row['patch_peak_mb'] = timed(lambda: paper.backbone_patchwise(lr, paper_grid), runs, device)
     largest = {c: table.largest(c) * len(paper_grid) for c in CONVENTIONS}
@@ -172,8 +176,8 @@ def print_table(rows: dict, args, table) -> None:
         else:
             line += f"{'-':>9}{'-':>8}{'-':>8}"
         line += f"{r['loop_s']:>9.2f}{r['loop_s'] / r['routed_s']:>8.1f}" if 'loop_s' in r else f"{'-':>9}{'-':>8}"
-        print(line + f"{r['routed_peak_mb']:>9.0f}" +
-              (f"  pixels x{r['pixel_ratio']:.2f}" if 'pixel_ratio' in r else ''))
+        print(line + f"{r['routed_peak_mb']:>9.0f}" + f"  classifier {100 * r['classify_s'] / r['routed_s']:.0f}%" +
+              (f", pixels x{r['pixel_ratio']:.2f} in {r['regions']} regions" if 'pixel_ratio' in r else ''))
         if 'max_batch_sweep' in r:
             sweep = ', '.join(f'{size}: {seconds:.3f}s' for size, seconds in r['max_batch_sweep'].items())
             print(f'   render time by max_batch: {sweep}')

@@ -1,6 +1,12 @@
 """The one routed executor: validation during training, ``tools/test_patches.py``, ``tools/benchmark.py``,
 ``tools/reproduce_cpu.py`` and the demo all super-resolve through ``RoutedEngine``.
 
+Two tilings (``EngineOptions.tiling``): ``regions``, the default -- non-overlapping 32x32 cells are
+classified and rectangles of same-class cells run once each with a halo of real context, nothing averaged
+(``cdnsr_plugin.inference.regions``); ``paper`` -- the papers' 32x32 tiles at stride 28, zero-padded at
+each tile border, overlaps averaged. The steps below are those of the papers' tiling; regions classify the
+same way and render through ``_run_regions``.
+
 One image goes through three named steps, each streaming over chunks of tiles so memory stays
 bounded for 8K outputs (tiles are cut from the LR image chunk by chunk, and SR tiles are added to a
 ``PatchMerger`` as soon as they exist; no list of all SR tiles is ever held):
