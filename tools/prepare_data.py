@@ -52,7 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='device of the reference network (default: cuda if available)')
     parser.add_argument('--compress-level', type=int, default=1, help='PNG compression in the LMDBs, 0-9')
     parser.add_argument('--montage', action='store_true', help='also write montage.png: samples per class')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing OUTPUT once the new one is done')
+    parser.add_argument(
+        '--overwrite',
+        action='store_true',
+        help='replace an existing OUTPUT (a prepared set, or an empty folder) once the new one is done')
     return parser.parse_args(argv)
 
 

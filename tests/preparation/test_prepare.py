@@ -150,3 +150,44 @@ def test_empty_folder_is_a_clear_error(tmp_path):
             PrepareOptions(input=str(tmp_path / 'empty'), output=str(tmp_path / 'o')),
             build_reference(4, 'cpu', bicubic=True))
     assert not (tmp_path / 'o.incomplete').exists()
+
+
+def test_overwrite_replaces_only_a_prepared_set_or_an_empty_folder(tmp_path, hr_folder):
+    """``--overwrite`` once wiped any folder given as ``--output``; now a non-empty folder without the
+    ``summary.json`` every completed output holds is refused and left as it was."""
+    mine = tmp_path / 'my_photos_backup'
+    mine.mkdir()
+    (mine / 'holiday.jpg').write_bytes(b'precious')
+    reference = build_reference(4, 'cpu', bicubic=True)
+    opts = PrepareOptions(input=str(hr_folder), output=str(mine), num_classes=2, workers=0)
+    with pytest.raises(ValueError, match='not an output of these tools'):
+        prepare(opts, reference, overwrite=True)
+    assert (mine / 'holiday.jpg').read_bytes() == b'precious' and not mine.with_name(mine.name + '.incomplete').exists()
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert prepare(
+        PrepareOptions(input=str(hr_folder), output=str(empty), num_classes=2, workers=0), reference,
+        overwrite=True)['num_classes'] == 2
+
+
+def test_a_second_run_on_the_same_output_fails_at_once_and_leaves_the_first_alone(tmp_path, hr_folder):
+    """Two runs with one ``--output``: the second once deleted the first's staging folder as 'left by an
+    interrupted run'. The first run's lock (here held directly) makes the second fail at once."""
+    import fcntl
+
+    from cdnsr_plugin.preparation.staging import OutputBusy
+    out = tmp_path / 'set'
+    staging = tmp_path / 'set.incomplete'
+    staging.mkdir()
+    (staging / 'lq.lmdb').write_bytes(b'the first run is writing this')
+    with open(tmp_path / 'set.lock', 'a') as first_run:
+        fcntl.flock(first_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        opts = PrepareOptions(input=str(hr_folder), output=str(out), num_classes=2, workers=0)
+        with pytest.raises(OutputBusy, match='another run is writing'):
+            prepare(opts, build_reference(4, 'cpu', bicubic=True))
+        assert (staging / 'lq.lmdb').read_bytes() == b'the first run is writing this'
+    # once the first run is gone (its lock dropped with it), a new run may take over its staging
+    summary = prepare(
+        PrepareOptions(input=str(hr_folder), output=str(out), num_classes=2, workers=0),
+        build_reference(4, 'cpu', bicubic=True))
+    assert summary['num_classes'] == 2 and not (tmp_path / 'set.lock').exists() and not staging.exists()

@@ -145,10 +145,15 @@ def test_existing_output_refused_then_replaced_with_overwrite(hr_dir, tmp_path, 
     (out / 'old.txt').write_text('keep me')
     assert build(hr_dir, out) != 0
     assert '--overwrite' in capsys.readouterr().err and (out / 'old.txt').exists()
+    # --overwrite replaces only an output of these tools (with its summary.json) or an empty folder
+    assert build(hr_dir, out, '--overwrite') != 0
+    assert 'not an output of these tools' in capsys.readouterr().err and (out / 'old.txt').read_text() == 'keep me'
+    (out / 'old.txt').unlink()
     stale = tmp_path / 'sets.incomplete'
     stale.mkdir()
     (stale / 'half.png').write_bytes(b'')
     assert build(hr_dir, out, '--overwrite') == 0
     assert 'interrupted' in capsys.readouterr().out
-    assert not (out / 'old.txt').exists() and (out / 'summary.json').is_file()
-    assert not stale.exists()
+    assert (out / 'summary.json').is_file() and not stale.exists()
+    assert build(hr_dir, out, '--overwrite') == 0  # a finished set is replaced
+    assert (out / 'summary.json').is_file() and not out.with_name('sets.old').exists()
