@@ -81,6 +81,12 @@ def main(argv=None) -> int:
             f'make_test_sets: error: a worker process died ({exc}); out of memory? try fewer --workers',
             file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f'make_test_sets: interrupted; {args.output} was not written (the next run removes the partial '
+            f'{args.output}.incomplete)',
+            file=sys.stderr)
+        return 130
     print(format_summary(summary))
     return 0
 

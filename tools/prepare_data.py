@@ -87,6 +87,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f'prepare_data: {exc}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f'prepare_data: interrupted; {args.output} was not written (the next run removes the partial '
+            f'{args.output}.incomplete)',
+            file=sys.stderr)
+        return 130
     print(f"{summary['num_pairs']} sub-image pairs in {args.output} ({summary['seconds']} s)")
     for stats in summary['classes']:
         print(f"  class {stats['class']}: {stats['count']:7d} pairs, PSNR {stats['psnr_min']:.2f}-"

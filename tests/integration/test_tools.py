@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -202,3 +203,60 @@ def test_prune_branches_writes_part_checkpoints_that_load(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(net.branches[2].state_dict().values(), largest.state_dict().values()))
     small = prune({'type': 'FSRCNN', 'd': 56, 's': 12, 'm': 4, 'upscale': 4}, largest, 16)[1]
     assert all(torch.equal(a, b) for a, b in zip(net.branches[0].state_dict().values(), small.state_dict().values()))
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds ``marker`` (children inherit it)."""
+    found = []
+    for entry in Path('/proc').iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / 'environ').read_bytes():
+                    status = (entry / 'status').read_text()
+                    if '\nState:\tZ' not in status:  # a zombie has ended
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _start_prepare(tmp_path: Path, photos, marker: str) -> subprocess.Popen:
+    """tools/prepare_data.py with 2 workers on enough large photos to still be running a few seconds in."""
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for index in range(24):
+        photo = cv2.resize(photos[index % len(photos)], (1200, 900), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(folder / f'p{index:02d}.png'), photo)
+    env = {**os.environ, 'CDNSR_TEST_MARKER': marker, 'CUDA_VISIBLE_DEVICES': ''}
+    return subprocess.Popen([
+        sys.executable,
+        str(REPO / 'tools' / 'prepare_data.py'), '--input',
+        str(folder), '--output',
+        str(tmp_path / 'set'), '--reference', 'bicubic', '--workers', '2', '--stride', '8', '--multiscale',
+        '1,0.9,0.8,0.7'
+    ],
+                            env=env,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.skipif(not Path('/proc/self/environ').exists(), reason='needs /proc (Linux)')
+def test_prepare_data_killed_leaves_no_process_behind(tmp_path, photos):
+    """SIGKILL of tools/prepare_data.py once left its fork server, resource tracker and a worker running
+    (0.8 GB) for good; the workers now watch the parent and everything ends within seconds."""
+    import uuid
+    marker = f'cdnsr-kill-{uuid.uuid4()}'
+    run = _start_prepare(tmp_path, photos, marker)
+    deadline = time.time() + 60
+    while len(_processes_with(marker)) < 3 and time.time() < deadline:  # main, fork server, workers up
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert run.poll() is None, 'the run ended before it could be killed: give it more work'
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    deadline = time.time() + 15
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(marker) == []
+    assert not (tmp_path / 'set').exists()  # nothing that looks complete
