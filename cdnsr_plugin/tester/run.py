@@ -50,7 +50,8 @@ from cdnsr_plugin.inference.regions import Plan
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.config import DatasetSpec, Setting, TestConfig
 from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, SettingResult
-from cdnsr_plugin.tester.safety import check_finite_weights, check_memory, check_out_folder, check_output_names
+from cdnsr_plugin.tester.safety import (check_finite_weights, check_memory, check_out_folder, check_output_names,
+                                        replace_earlier_run)
 from cdnsr_plugin.utils.checkpoint import load_parts, load_weights
 from cdnsr_plugin.utils.image import to_tensor
 from cdnsr_plugin.utils.io import SkipImage, Skipped, list_images, read_image, write_image
@@ -241,10 +242,15 @@ class Runner:
         self.regions = cfg.engine.tiling == 'regions'
         self.branch_coefficients = [full_image_coefficients(b, patch) for b in net.branches] if self.regions else None
         self.engine = RoutedEngine(net, cfg.engine, self.device)
+        if self.regions:
+            self.engine.halo  # resolved now: a network without a default halo is a setup error (exit 2)
         # the papers' patch-wise backbone, whatever the routed tiling (same converted network: no second copy)
         self.paper_engine = (
             RoutedEngine(self.engine.net, dataclasses.replace(cfg.engine, tiling='paper'), self.device)
             if self.regions else self.engine)
+        if cfg.overwrite:  # every other check has passed: only now is the earlier run's output removed
+            fitted = cfg.out / 'laplacian_router.json' if cfg.fit_router else None  # written by this run
+            replace_earlier_run(cfg.out, [cfg.router_file, fitted, cfg.checkpoint, *cfg.parts.values()])
         self.results = [SettingResult(s.name, s.kind) for s in cfg.settings]
         self.failures: list[Failure] = []
         self.notes: list[dict] = []

@@ -25,49 +25,76 @@ def _inside(path: Path, folder: Path) -> bool:
 RUN_FILES = ('report.json', 'report.csv', 'psnr_flops.png', 'laplacian_router.json')
 
 
-def remove_earlier_run(folder: Path) -> list[Path]:
-    """Delete what an earlier tester run wrote in ``folder`` (the images its ``report.json`` lists, and the
-    report files); anything else is left alone. Returns the removed paths."""
-    listed: list[Path] = []
-    report = folder / 'report.json'
-    if report.is_file():
-        try:
-            data = json.loads(report.read_text())
-        except (OSError, ValueError):
-            data = {}
-        for setting in data.get('settings', []):
-            for record in setting.get('images', []):
-                listed += [Path(record[key]) for key in ('sr_path', 'overlay_path') if record.get(key)]
-    listed += [folder / name for name in RUN_FILES]
-    removed = []
-    for path in listed:
-        absolute = Path(os.path.abspath(path))
-        if _inside(absolute, Path(os.path.abspath(folder))) and absolute.is_file():
-            absolute.unlink()
-            removed.append(path)
-    return removed
+def _same_or_inside(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or lies inside it, by name or once symbolic links are followed."""
+    return _inside(Path(os.path.abspath(path)), Path(os.path.abspath(folder))) or _inside(
+        path.resolve(), folder.resolve())
+
+
+def _listed_outputs(folder: Path) -> Optional[list[Path]]:
+    """The SR images and class maps an earlier run's ``report.json`` in ``folder`` lists, as paths inside
+    ``folder`` (they are written as ``<out>/<set>/<file>``; the report may hold them relative to another working
+    directory); ``None`` if there is no readable report of the tester's layout."""
+    try:
+        data = json.loads((folder / 'report.json').read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get('settings'), list):
+        return None
+    listed = []
+    for setting in data['settings']:
+        records = setting.get('images') if isinstance(setting, dict) else None
+        for record in records if isinstance(records, list) else []:
+            for key in ('sr_path', 'overlay_path'):
+                value = record.get(key) if isinstance(record, dict) else None
+                if isinstance(value, str) and value:
+                    listed.append(folder / Path(value).parent.name / Path(value).name)
+    return listed
+
+
+def _removable(path: Path, folder: Path, protected: set[Path]) -> bool:
+    """A regular file inside ``folder``, reached without symbolic links, and not one of ``protected``."""
+    return (path.is_file() and not path.is_symlink() and not path.parent.is_symlink()
+            and _inside(path.resolve(), folder.resolve()) and path.resolve() not in protected)
+
+
+def earlier_run_files(folder: Path, keep: Iterable[Optional[Path]] = ()) -> list[Path]:
+    """What ``--overwrite`` may delete in ``folder``: the images an earlier run's ``report.json`` lists and its
+    report files, only if that report exists; never a path of ``keep`` (this run's inputs, e.g. a router file),
+    never through a symbolic link, never outside ``folder``."""
+    listed = _listed_outputs(folder)
+    if listed is None:
+        return []
+    protected = {Path(p).resolve() for p in keep if p is not None}
+    candidates = dict.fromkeys(listed + [folder / name for name in RUN_FILES])  # once each, in order
+    return [p for p in candidates if _removable(p, folder, protected)]
+
+
+def unexplained_images(folder: Path) -> list[Path]:
+    """Image files in the set folders of ``folder`` (where the tester writes its images)."""
+    return sorted(p for sub in folder.iterdir() if sub.is_dir() for p in sub.iterdir()
+                  if p.suffix.lower() == '.png' and p.is_file())
 
 
 def check_out_folder(out: Path, inputs: Iterable[Optional[Path]], overwrite: bool = False) -> None:
-    """``out`` must not be, lie inside or contain an input folder; it must be empty (or new) unless
-    ``overwrite``, which first removes the earlier run's outputs (``remove_earlier_run``), so the folder never
-    mixes two runs' images under one report; and it must be writable (a probe file is created and removed;
+    """``out`` must not be, lie inside or contain an input folder (by name or through symbolic links); it must
+    be empty (or new) unless ``overwrite`` (then ``Runner`` removes the earlier run's outputs once every other
+    check has passed: ``replace_earlier_run``); and it must be writable (a probe file is created and removed;
     the folder itself is created as the run would)."""
-    target = Path(os.path.abspath(out))
+    target = Path(out)
     for folder in inputs:
         if folder is None:
             continue
-        source = Path(os.path.abspath(folder))
-        if _inside(target, source) or _inside(source, target):
-            where = 'is' if target == source else 'is inside' if _inside(target, source) else 'contains'
+        if _same_or_inside(target, Path(folder)) or _same_or_inside(Path(folder), target):
+            same = Path(os.path.abspath(target)) == Path(
+                os.path.abspath(folder)) or target.resolve() == Path(folder).resolve()
+            where = 'is' if same else 'is inside' if _same_or_inside(target, Path(folder)) else 'contains'
             raise ValueError(f'--out {out} {where} the input folder {folder}: results would be written among '
                              'your images (and could replace them); choose a results folder outside the inputs')
-    if target.is_dir() and any(target.iterdir()):
-        if not overwrite:
-            raise ValueError(f'--out {out} is not empty (an earlier run?): its report would describe other images '
-                             'than the files beside it. Choose a new folder, or pass --overwrite to replace the '
-                             'earlier run\'s results (only the files its report.json lists are removed)')
-        remove_earlier_run(target)
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f'--out {out} is not empty (an earlier run?): its report would describe other images '
+                         'than the files beside it. Choose a new folder, or pass --overwrite to replace the '
+                         'earlier run\'s results (only the files its report.json lists are removed)')
     try:
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target, prefix='.write_probe_'):
@@ -77,14 +104,34 @@ def check_out_folder(out: Path, inputs: Iterable[Optional[Path]], overwrite: boo
                          'to') from None
 
 
+def replace_earlier_run(out: Path, keep: Iterable[Optional[Path]]) -> list[Path]:
+    """``--overwrite``: delete the earlier run's outputs (``earlier_run_files``). Refused, before anything is
+    deleted, when images would remain that it may not remove (not listed by a report, e.g. left by an
+    interrupted run, or reached through a link): the new report would sit beside them. Returns the removed."""
+    removable = earlier_run_files(out, keep)
+    chosen = set(removable)
+    left = [p for p in unexplained_images(out) if p not in chosen]
+    if left:
+        raise ValueError(f'--out {out} holds {len(left)} image(s) that --overwrite will not remove (e.g. {left[0]}: '
+                         'no report.json describes it, or it lies behind a link; an interrupted run?). Remove them '
+                         'yourself or choose a new folder')
+    for path in removable:
+        path.unlink()
+    return removable
+
+
 def output_collisions(folder: Path) -> list[str]:
     """Groups of input files in ``folder`` whose outputs would have the same name: two files with one stem
     (``pic.png``, ``pic.jpg``), or a file whose stem is another's class-map name (``pic_classmap.png``)."""
+    try:
+        paths = list_images(folder)
+    except (ValueError, FileNotFoundError):  # no usable image: the run lists the folder as a failure
+        return []
     owners: dict[str, list[str]] = {}
-    for path in list_images(folder):
+    for path in paths:
         owners.setdefault(path.stem, []).append(path.name)
         owners.setdefault(path.stem + CLASSMAP_SUFFIX, [])
-    for path in list_images(folder):
+    for path in paths:
         if path.stem.endswith(CLASSMAP_SUFFIX) and owners.get(path.stem[:-len(CLASSMAP_SUFFIX)]):
             owners[path.stem].append(f'{path.stem[:-len(CLASSMAP_SUFFIX)]}\'s class map')
     return [' and '.join(names) for names in owners.values() if len(names) > 1]
@@ -113,8 +160,9 @@ def check_finite_weights(parts: Mapping[str, torch.nn.Module], source: str) -> N
 
 def available_memory(device: torch.device) -> Optional[int]:
     """Bytes that can still be allocated: CUDA's free memory, or Linux's ``MemAvailable``; ``None`` if unknown."""
-    if device.type == 'cuda':
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == 'cuda':  # free on the device, plus what PyTorch's cache holds but can reuse
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
     try:
         with open('/proc/meminfo') as handle:
             for line in handle:

@@ -153,3 +153,35 @@ def test_an_output_that_cannot_fit_fails_that_image_before_any_work(setup, tmp_p
     assert [Path(f['file']).name for f in report['failures']] == [big]
     assert 'GB are free' in report['failures'][0]['error']
     assert len(report['settings'][0]['images']) == len(sizes) - 1
+
+
+def test_overwrite_never_deletes_through_links_or_inputs_and_refuses_unexplained_images(setup, tmp_path, capsys):
+    """--overwrite removes only what an earlier report lists, resolved inside --out: never a file reached
+    through a symbolic link, never one of this run's inputs; and it refuses, before deleting anything, when
+    images would remain that it may not remove (an interrupted run's, or behind a link)."""
+    from cdnsr_plugin.tester.safety import earlier_run_files
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    out = tmp_path / 'out'
+    assert run(root, lr, out) == 0
+    (tmp_path / 'alias').symlink_to(lr)  # an alias of the inputs is still the inputs
+    assert run(root, lr, tmp_path / 'alias', '--overwrite') == 2
+    assert 'is the input folder' in capsys.readouterr().err
+    router = out / 'laplacian_router.json'
+    router.write_text('{}')
+    assert router not in earlier_run_files(out, keep=[router])  # an input of this run is kept ...
+    assert router in earlier_run_files(out) and out / 'report.json' in earlier_run_files(out)  # ... else removed
+    # the set folder replaced by a link to a folder outside: nothing behind it is deleted, nothing at all is
+    outside = tmp_path / 'outside'
+    shutil.move(str(out / 'lr'), str(outside))
+    (out / 'lr').symlink_to(outside)
+    before = hashes(outside)
+    assert run(root, lr, out, '--overwrite') == 2
+    assert 'will not remove' in capsys.readouterr().err
+    assert hashes(outside) == before and (out / 'report.json').is_file() and router.is_file()
+    # an interrupted run: images, no report
+    stale = tmp_path / 'stale'
+    (stale / 'lr').mkdir(parents=True)
+    (stale / 'lr' / 'old.png').write_bytes(b'an image of an interrupted run')
+    assert run(root, lr, stale, '--overwrite') == 2
+    assert 'no report.json describes' in capsys.readouterr().err and (stale / 'lr' / 'old.png').exists()
