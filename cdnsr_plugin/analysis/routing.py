@@ -394,9 +394,10 @@ def analyze(images: Sequence[ImageTiles],
     backbone = [np.full(len(image.grid), num - 1) for image in images]
     if all(image.paper_patchwise_psnr is not None for image in images):  # regions: the papers' tiles, run apart
         result.backbone_patchwise_psnr = float(np.mean([image.paper_patchwise_psnr for image in images]))
-        result.backbone_patchwise_percent_of_full = float(100 * sum(i.paper_patchwise_macs
-                                                                    for i in images) / sum(i.full_cost['macs']
-                                                                                           for i in images))
+        if all(image.full_cost for image in images):  # collect() was given the whole-image coefficients
+            paper_macs = sum(image.paper_patchwise_macs for image in images)
+            full_macs = sum(image.full_cost['macs'] for image in images)
+            result.backbone_patchwise_percent_of_full = float(100 * paper_macs / full_macs)
     else:
         result.backbone_patchwise_psnr = float(np.mean([psnr_of(i, b, scale) for i, b in zip(images, backbone)]))
     result.backbone_full_psnr = float(np.mean([image.full_psnr for image in images]))
