@@ -19,6 +19,7 @@ _held: dict[Path, IO] = {}
 class OutputBusy(FileExistsError):
     """Another run is writing the same output (a ``FileExistsError``, so the tools' handlers report it)."""
 
+
 # staging folder -> its open, locked lock file (released by finish_output or exit)
 
 
