@@ -52,12 +52,38 @@ def alias_functional_tensor() -> None:
         sys.modules[_FUNCTIONAL_TENSOR] = functional
 
 
+MAX_EXPANDED_NODES = 1_000_000  # a real option file has a few hundred values
+
+
+def _expanded_size(value: object, memo: dict[int, int]) -> int:
+    """How many values ``value`` holds once every shared (aliased) container is copied out; linear in the
+    document's own size (shared containers are counted once and remembered)."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    key = id(value)
+    if key not in memo:
+        memo[key] = 0  # a self-referencing alias counts as one while it is being counted
+        children = value.values() if isinstance(value, dict) else value
+        memo[key] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[key]
+
+
 def _safe_ordered_loader() -> type:
     import yaml
     base = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)
 
     class SafeOrderedLoader(base):  # type: ignore[misc, valid-type]
-        """``yaml.SafeLoader`` that returns ``OrderedDict`` mappings, as basicsr expects."""
+        """``yaml.SafeLoader`` that returns ``OrderedDict`` mappings, as basicsr expects, and refuses documents
+        whose aliases expand to more than ``MAX_EXPANDED_NODES`` values (a "billion laughs" file: YAML shares
+        aliased values, and basicsr's option handling then copies them out until memory runs out)."""
+
+        def get_single_data(self):  # type: ignore[no-untyped-def]
+            data = super().get_single_data()
+            size = _expanded_size(data, {})
+            if size > MAX_EXPANDED_NODES:
+                raise yaml.YAMLError(f'the document expands to {size:.3g} values through its aliases (more than '
+                                     f'{MAX_EXPANDED_NODES:,}): an alias bomb, not an option file')
+            return data
 
     def construct_ordered(loader: yaml.SafeLoader, node: yaml.Node) -> OrderedDict:
         pairs = loader.construct_pairs(node)

@@ -97,3 +97,21 @@ def test_auto_resume_skips_a_truncated_state_for_the_previous_one(tmp_path, monk
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=r'200\.state[\s\S]*100\.state'):
         load_resume_state(opt())
     assert load_resume_state({'name': 'none', 'auto_resume': True, 'path': {}}) is None  # nothing to resume
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path):
+    """A "billion laughs" option file (nine levels of nine aliases: 9^10 values once copied out) once ran 37 s
+    into a MemoryError; both loaders now refuse it while reading, and ordinary anchors still work."""
+    from cdnsr_plugin.compat import load_yaml, patch_basicsr
+    patch_basicsr()
+    from basicsr.utils.options import ordered_yaml
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f'a{i}: &a{i} [' + ', '.join([f'*a{i - 1}'] * 9) + ']' for i in range(1, 10)]
+    bomb = tmp_path / 'bomb.yml'
+    bomb.write_text('\n'.join(lines) + '\n')
+    with pytest.raises(yaml.YAMLError, match='alias bomb'):
+        load_yaml(str(bomb))
+    with pytest.raises(yaml.YAMLError, match='alias bomb'):
+        yaml.load(bomb.read_text(), Loader=ordered_yaml()[0])
+    shared = yaml.load('base: &b {lr: 1.0e-3}\nstage1: *b\nstage2: *b\n', Loader=ordered_yaml()[0])
+    assert shared['stage2']['lr'] == 1e-3
