@@ -17,6 +17,11 @@ from cdnsr_plugin.tester.run import Runner
 from cdnsr_plugin.utils.viz import plot_psnr_flops
 
 
+def printable(text: str) -> str:
+    """``text`` with file-name bytes that are not valid UTF-8 shown as U+FFFD (printing them would fail)."""
+    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = from_args(argv)
@@ -38,11 +43,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     xlabel=FULL_IMAGE_XLABEL))
         else:
             print('No PSNR-FLOPs plot: no image had ground truth to score (give --gt or dataroot_gt).')
-    print(format_summary(report))
+    print(printable(format_summary(report)))
     saved = next((s.images for s in report.settings if s.name == cfg.save_setting), [])
     if saved and saved[0].sr_path:
-        print(f'SR images and class maps: {Path(saved[0].sr_path).parent}/ (e.g. {saved[0].overlay_path})')
-    print('Reports: ' + ', '.join(str(path) for path in written))
+        print(printable(f'SR images and class maps: {Path(saved[0].sr_path).parent}/ (e.g. {saved[0].overlay_path})'))
+    print(printable('Reports: ' + ', '.join(str(path) for path in written)))
     return 1 if report.failures else 0
 
 

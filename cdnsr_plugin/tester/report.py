@@ -81,7 +81,8 @@ def write_report(folder: Path | str, report: Report) -> tuple[Path, Path]:
     """
     folder = Path(folder)
     json_path = write_json(folder / 'report.json', report.to_dict())
-    csv_path = atomic_write(folder / 'report.csv', report_csv(report).encode('utf-8'))
+    # file names that are not valid UTF-8 come back as the bytes they were (surrogateescape), as the OS has them
+    csv_path = atomic_write(folder / 'report.csv', report_csv(report).encode('utf-8', 'surrogateescape'))
     return json_path, csv_path
 
 

@@ -2,6 +2,7 @@
 message naming the folder, files or checkpoint part; the user's files unchanged (hashes before and after)."""
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -185,3 +186,19 @@ def test_overwrite_never_deletes_through_links_or_inputs_and_refuses_unexplained
     (stale / 'lr' / 'old.png').write_bytes(b'an image of an interrupted run')
     assert run(root, lr, stale, '--overwrite') == 2
     assert 'no report.json describes' in capsys.readouterr().err and (stale / 'lr' / 'old.png').exists()
+
+
+def test_file_names_that_are_not_utf8_are_processed_and_reported(setup, tmp_path):
+    """A file name with a Latin-1 byte (not valid UTF-8) once made cv2.imwrite segfault and then the CSV
+    report fail; it is now read, written and reported like any other (the CSV keeps the name's bytes)."""
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    first = sorted(lr.iterdir())[0]
+    odd = os.fsdecode(b'caf\xe9.png')
+    first.rename(lr / odd)
+    out = tmp_path / 'out'
+    assert run(root, lr, out) == 0
+    assert (out / 'lr' / odd).is_file() and (out / 'lr' / os.fsdecode(b'caf\xe9_classmap.png')).is_file()
+    assert b'caf\xe9' in (out / 'report.csv').read_bytes()
+    report = json.loads((out / 'report.json').read_text())
+    assert os.fsdecode(b'caf\xe9') in {r['image'] for r in report['settings'][0]['images']}
