@@ -40,8 +40,7 @@ import torch
 from basicsr.archs import build_network
 
 import cdnsr_plugin  # noqa: F401
-from cdnsr_plugin.inference.costs import (CONVENTIONS, cost_table, executed_cost, full_image_coefficients,
-                                          full_image_cost)
+from cdnsr_plugin.inference.costs import CONVENTIONS, cost_table, executed_cost, full_image_cost
 from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
 from cdnsr_plugin.inference.laplacian import laplacian_scores
 from cdnsr_plugin.inference.policies import forced_mix_labels
@@ -198,7 +197,7 @@ def main(argv=None) -> int:
         max_batch=args.max_batch, channels_last=not args.no_channels_last, tiling=args.tiling, halo=args.halo)
     engine = RoutedEngine(net, options, args.device)
     paper = RoutedEngine(net, dataclasses.replace(options, tiling='paper'), args.device)
-    coefficients = [full_image_coefficients(branch) for branch in net.branches]
+    coefficients = engine.coefficients
     rows = {}
     for name, lr in load_inputs(args.images, args.limit, (height, width)):
         rows[name] = bench_image(engine, paper, table, coefficients, lr.to(engine.device), args)

@@ -50,7 +50,7 @@ import torch
 from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 
-from cdnsr_plugin.inference.costs import CostTable, executed_cost, full_image_coefficients, full_image_cost
+from cdnsr_plugin.inference.costs import CostTable, executed_cost, full_image_cost
 from cdnsr_plugin.inference.engine import RoutedEngine
 from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, laplacian_scores
 from cdnsr_plugin.inference.policies import solve_budget
@@ -110,9 +110,10 @@ class ImageTiles:
     paper_patchwise_psnr: Optional[float] = None  # regions: the largest branch on the papers' tiles
     paper_patchwise_macs: Optional[float] = None  # and its cost
 
-    def executed(self, labels: np.ndarray) -> np.ndarray:
-        """The branch each tile is rendered by under ``labels`` (regions may promote isolated cells)."""
-        return labels if self.execution is None else self.execution.run(labels)[0]
+    def run(self, labels: np.ndarray) -> tuple[np.ndarray, Optional[float]]:
+        """The branch each tile is rendered by under ``labels`` (regions may promote isolated cells) and, under
+        regions, the MACs the branches execute (``None`` for the papers' tiles: per-tile costs apply)."""
+        return (labels, None) if self.execution is None else self.execution.run(labels)
 
     def tile_psnr(self) -> np.ndarray:
         """(N, M) PSNR of each branch on each tile (Y, 8-bit); an exact tile gets 100 dB."""
@@ -182,7 +183,7 @@ def collect(engine: RoutedEngine,
             _cell_tiles(engine.branch_full(lr, b).cpu(), boxes, grid.patch, engine.scale)
             for b in range(engine.num_classes)
         ])
-        coefficients = tuple(full_image_coefficients(branch, grid.patch) for branch in engine.net.branches)
+        coefficients = tuple(engine.coefficients)  # measured once per engine
         execution = Execution(grid.height, grid.width, grid.patch, engine.halo, engine.options.max_region,
                               tuple(engine.per_pixel), coefficients)
         paper = RoutedEngine(engine.net, dataclasses.replace(engine.options, tiling='paper'), engine.device)
@@ -227,11 +228,15 @@ def merge(image: ImageTiles, weights: torch.Tensor, scale: int) -> np.ndarray:
     return tensor2img(out, rgb2bgr=True, min_max=(0, 1))
 
 
-def routed_image(image: ImageTiles, labels: np.ndarray, scale: int) -> np.ndarray:
-    """The uint8 BGR image the engine renders for ``labels`` (regions: after promotion)."""
-    ran = image.executed(np.asarray(labels, dtype=np.int64))
+def _rendered(image: ImageTiles, ran: np.ndarray, scale: int) -> np.ndarray:
+    """The uint8 BGR image with tile ``t`` from branch ``ran[t]``."""
     weights = torch.nn.functional.one_hot(torch.as_tensor(ran, dtype=torch.long), image.sr_tiles.shape[0])
     return merge(image, weights.float(), scale)
+
+
+def routed_image(image: ImageTiles, labels: np.ndarray, scale: int) -> np.ndarray:
+    """The uint8 BGR image the engine renders for ``labels`` (regions: after promotion)."""
+    return _rendered(image, image.run(np.asarray(labels, dtype=np.int64))[0], scale)
 
 
 def psnr_of(image: ImageTiles, labels: np.ndarray, scale: int) -> float:
@@ -332,15 +337,20 @@ def _point(router: str,
            scale: int,
            macs: Optional[tuple[np.ndarray, float]] = None) -> RouterPoint:
     """One router's point; ``macs``: per-tile MACs of each branch and of the router, for the executed cost."""
-    psnr = float(np.mean([psnr_of(image, label, scale) for image, label in zip(images, labels)]))
+    runs = [image.run(np.asarray(label, dtype=np.int64)) for image, label in zip(images, labels)]  # planned once
+    psnr = float(
+        np.mean([
+            calculate_psnr(_rendered(image, ran, scale), image.gt, scale, test_y_channel=True)
+            for image, (ran, _) in zip(images, runs)
+        ]))
     every = np.concatenate(labels)
     shares = np.bincount(every, minlength=len(per_class)) / len(every)
     point = RouterPoint(router, budget, psnr, float(per_class[every].mean() / largest), shares.round(4).tolist())
     if macs is not None and all(image.full_cost for image in images):
         branch_macs, router_macs = macs
-        ran = sum((image.execution.run(label)[1] if image.execution is not None else float(branch_macs[label].sum())) +
-                  router_macs * len(label) for image, label in zip(images, labels))
-        point.percent_of_full_image = float(100.0 * ran / sum(image.full_cost['macs'] for image in images))
+        executed = sum((float(branch_macs[label].sum()) if ran_macs is None else ran_macs) + router_macs * len(label)
+                       for label, (_, ran_macs) in zip(labels, runs))
+        point.percent_of_full_image = float(100.0 * executed / sum(image.full_cost['macs'] for image in images))
     return point
 
 

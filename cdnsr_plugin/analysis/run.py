@@ -10,7 +10,7 @@ from basicsr.archs import build_network
 from tqdm import tqdm
 
 from cdnsr_plugin.analysis.routing import DEFAULT_BUDGETS, ROUTERS, Analysis, analyze, collect
-from cdnsr_plugin.inference.costs import cost_table, full_image_coefficients
+from cdnsr_plugin.inference.costs import cost_table
 from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
 from cdnsr_plugin.utils.checkpoint import load_weights
 from cdnsr_plugin.utils.image import to_tensor
@@ -42,7 +42,7 @@ def analyze_folders(net: torch.nn.Module,
     count the halo of ``options``, by default the backbone's)."""
     engine = RoutedEngine(net, options)
     table = cost_table(net, patch=engine.options.patch)
-    coefficients = full_image_coefficients(net.branches[-1], engine.options.patch)
+    coefficients = engine.coefficients[-1]
     images = []
     for path in tqdm(list_images(lr_dir)[:limit], desc='branches on every tile', unit='image', file=sys.stderr):
         lr, _ = read_image(path)

@@ -182,16 +182,22 @@ class RoutedEngine:
         self.net = net
         self.scale, self.num_classes = net.scale, net.num_classes
         self._halo = options.halo
-        self._per_pixel: Optional[list[float]] = None
+        self._coefficients: Optional[list[dict]] = None
         self.last_plan: Optional[Plan] = None
 
     @property
+    def coefficients(self) -> list[dict]:
+        """Each branch's whole-image cost model ``a * pixels + b`` per convention
+        (``costs.full_image_coefficients``, ptflops), measured once: what executed-cost reports multiply by the
+        pixels each branch processed, and (the last one) the backbone on the whole image."""
+        if self._coefficients is None:
+            self._coefficients = [full_image_coefficients(b, self.options.patch) for b in self.net.branches]
+        return self._coefficients
+
+    @property
     def per_pixel(self) -> list[float]:
-        """Each branch's cost per LR pixel in MACs (ptflops on the whole-image model ``a * pixels + b``),
-        measured once; what the region planner weighs and executed-cost reports multiply."""
-        if self._per_pixel is None:
-            self._per_pixel = [full_image_coefficients(branch)['macs'][0] for branch in self.net.branches]
-        return self._per_pixel
+        """Each branch's cost per LR pixel in MACs: what the region planner weighs."""
+        return [c['macs'][0] for c in self.coefficients]
 
     @property
     def halo(self) -> int:

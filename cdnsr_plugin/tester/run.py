@@ -41,8 +41,7 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 from tqdm import tqdm
 
-from cdnsr_plugin.inference.costs import (CONVENTIONS, CostTable, cost_table, executed_cost, full_image_coefficients,
-                                          full_image_cost)
+from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table, executed_cost, full_image_cost
 from cdnsr_plugin.inference.engine import RoutedEngine
 from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, LaplacianRouter
 from cdnsr_plugin.inference.policies import cost_aware_labels, solve_budget
@@ -238,10 +237,9 @@ class Runner:
         self.router = load_router(cfg, net.num_classes)
         macs = LAPLACIAN_MACS_PER_PIXEL * patch * patch
         self.router_cost = {'macs': macs, 'paper': 2 * macs} if self.router else None
-        self.full_coefficients = full_image_coefficients(net.branches[-1], patch)
         self.regions = cfg.engine.tiling == 'regions'
-        self.branch_coefficients = [full_image_coefficients(b, patch) for b in net.branches] if self.regions else None
         self.engine = RoutedEngine(net, cfg.engine, self.device)
+        self.full_coefficients = self.engine.coefficients[-1]
         if self.regions:
             self.engine.halo  # resolved now: a network without a default halo is a setup error (exit 2)
         # the papers' patch-wise backbone, whatever the routed tiling (same converted network: no second copy)
@@ -360,7 +358,7 @@ class Runner:
         lr_size = (int(pair.lr.shape[-2]), int(pair.lr.shape[-1]))
         flops = flops_of(setting, counts, self.table, self.router_cost, self.full_coefficients, lr_size)
         if plan is not None:
-            flops = executed_flops(setting, plan, len(grid), self.table, self.router_cost, self.branch_coefficients)
+            flops = executed_flops(setting, plan, len(grid), self.table, self.router_cost, self.engine.coefficients)
         full = full_image_cost(self.full_coefficients, *lr_size)
         for convention, cost in flops.items():
             cost.percent_of_full_image = 100.0 * cost.total / full[convention]

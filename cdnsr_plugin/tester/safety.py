@@ -70,7 +70,7 @@ def earlier_run_files(folder: Path, keep: Iterable[Optional[Path]] = ()) -> list
     return [p for p in candidates if _removable(p, folder, protected)]
 
 
-def unexplained_images(folder: Path) -> list[Path]:
+def set_folder_images(folder: Path) -> list[Path]:
     """Image files in the set folders of ``folder`` (where the tester writes its images)."""
     return sorted(p for sub in folder.iterdir() if sub.is_dir() for p in sub.iterdir()
                   if p.suffix.lower() == '.png' and p.is_file())
@@ -110,7 +110,7 @@ def replace_earlier_run(out: Path, keep: Iterable[Optional[Path]]) -> list[Path]
     interrupted run, or reached through a link): the new report would sit beside them. Returns the removed."""
     removable = earlier_run_files(out, keep)
     chosen = set(removable)
-    left = [p for p in unexplained_images(out) if p not in chosen]
+    left = [p for p in set_folder_images(out) if p not in chosen]
     if left:
         raise ValueError(f'--out {out} holds {len(left)} image(s) that --overwrite will not remove (e.g. {left[0]}: '
                          'no report.json describes it, or it lies behind a link; an interrupted run?). Remove them '
