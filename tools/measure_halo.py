@@ -2,6 +2,8 @@
 
     python tools/measure_halo.py --network experiments/cpu_repro/options/ours__joint_branches__oracle_router.yml \\
         --checkpoint <net_g_latest.pth> --lr <LR folder> --hr <HR folder> --halos 0,1,2,4,6,8
+    python tools/measure_halo.py --network options/networks/CDNSR_CARN_x4.yml \
+        --backbone experiments/halo_CARN/models/net_g_latest.pth --lr <LR folder> --hr <HR folder> --halos 1,2,3,4,6,8
 
 For every LR/HR pair (HR exactly ``scale`` x LR) and every halo: the largest branch on every cell
 (``tiling: regions``, the given halo), its PSNR on Y (BasicSR's, ``crop_border = scale``) minus the PSNR of
@@ -28,6 +30,7 @@ from cdnsr_plugin.inference.laplacian import laplacian_scores
 from cdnsr_plugin.inference.policies import forced_mix_labels
 from cdnsr_plugin.inference.regions import receptive_radius
 from cdnsr_plugin.tester.config import network_options
+from cdnsr_plugin.utils.checkpoint import load_weights
 from cdnsr_plugin.utils.image import to_tensor
 from cdnsr_plugin.utils.io import list_images, read_image, write_json
 
@@ -39,7 +42,13 @@ def psnr_y(sr: torch.Tensor, gt: np.ndarray, scale: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--network', type=Path, required=True, help='option file with a CDNSRNet network_g')
-    parser.add_argument('--checkpoint', type=Path, required=True)
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument('--checkpoint', type=Path, help='weights of the routed network')
+    weights.add_argument(
+        '--backbone',
+        type=Path,
+        help='weights of a single network (e.g. BasicSR SRModel training) put as the largest branch; only it is '
+        'measured, the other parts stay random')
     parser.add_argument('--lr', type=Path, required=True)
     parser.add_argument('--hr', type=Path, required=True)
     parser.add_argument('--halos', default='0,1,2,4,6,8')
@@ -49,6 +58,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     net = load_routed(network_options(args.network), args.checkpoint)
+    if args.backbone:
+        load_weights(net.branches[-1], args.backbone)
     halos = [int(v) for v in args.halos.split(',')]
     engines = {h: RoutedEngine(net, EngineOptions(tiling='regions', halo=h), 'cpu') for h in halos}
     paper = RoutedEngine(net, EngineOptions(tiling='paper'), 'cpu')
@@ -76,9 +87,8 @@ def main(argv=None) -> int:
             mix = forced_mix_labels(scores, [0.6, 0.25, 0.15])
             rows[h]['pixel_ratio'].append(engine.plan(lr, mix).pixel_ratio())
     radius = receptive_radius(net.branches[-1], size=128)
-    print(
-        f'\n{args.checkpoint}: largest branch, {len(paper_delta)} images, {np.mean(full_psnr):.3f} dB (Y) on the whole '
-        f'image; measured receptive radius {radius} px')
+    print(f'\n{args.checkpoint or args.backbone}: largest branch, {len(paper_delta)} images, '
+          f'{np.mean(full_psnr):.3f} dB (Y) on the whole image; measured receptive radius {radius} px')
     print('| halo | PSNR(Y) - whole image, mean (worst) dB | processed / image pixels, Laplacian 60/25/15 |')
     print('| --- | --- | --- |')
     print(f'| papers\' tiling 32/28 | {np.mean(paper_delta):+.4f} ({min(paper_delta):+.4f}) | 1.31 nominal |')
