@@ -7,8 +7,10 @@ happens it (1) installs the torchvision alias basicsr 1.4.2 needs, (2) lets basi
 usual, (3) imports ``cdnsr_plugin``, whose import registers the plugin's archs, models, losses
 and datasets into basicsr's registries, and (4) only if the program is BasicSR's own ``basicsr/train.py``
 or ``basicsr/test.py``, applies ``cdnsr_plugin.compat.patch_basicsr`` (safe YAML loading of option files,
-gloo DDP without GPUs; see compat.py). That is why BasicSR's stock ``basicsr/train.py`` finds
-``type: CDNSRNet`` in an option file; any other program that imports basicsr gets it unpatched.
+atomic checkpoint writes, gloo DDP without GPUs; see compat.py) and, for train.py, checks the training
+options before any folder is created (``cdnsr_plugin.models.option_check``). That is why BasicSR's stock
+``basicsr/train.py`` finds ``type: CDNSRNet`` in an option file; any other program that imports basicsr
+gets it unpatched.
 
 Turn it off with the environment variable ``CDNSR_PLUGIN_AUTOLOAD=0`` (then ``import
 cdnsr_plugin`` yourself, or use ``python -m cdnsr_plugin.train``).
@@ -42,6 +44,9 @@ class _AfterBasicsrLoader(Loader):
             if running_basicsr_script():
                 from cdnsr_plugin.compat import patch_basicsr
                 patch_basicsr()
+                if os.path.basename(sys.argv[0]) == 'train.py':
+                    from cdnsr_plugin.models.option_check import check_before_folders
+                    check_before_folders()
         except Exception as exc:  # never break basicsr for its other users
             warnings.warn(f'cdnsr_plugin could not register itself into basicsr ({exc!r}); '
                           f'plugin types will be missing. Set {ENV_VAR}=0 to silence this.')

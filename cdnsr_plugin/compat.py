@@ -23,6 +23,13 @@ installed) gets basicsr unchanged apart from the registrations.
   skips a state that does not load, with a warning naming it, for the next newest. Effective for
   ``python -m cdnsr_plugin.train`` (which calls ``basicsr.train``); BasicSR's stock ``basicsr/train.py``
   script carries its own copy of the function, so these need the plugin's entry.
+* ``atomic_checkpoints`` (basicsr 1.4.2): ``BaseModel.save_network`` and ``save_training_state`` write with
+  ``torch.save`` straight to the final name, so a kill (or a full disk) while saving leaves a truncated
+  ``net_g_<iter>.pth`` / ``<iter>.state`` under the name ``--auto_resume`` picks. The ``torch`` that
+  ``basicsr.models.base_model`` sees is replaced by a view of torch whose ``save`` writes to a temporary
+  name beside the target (``.<name>.<pid>.tmp``, which no BasicSR scan picks up), syncs it and renames it
+  over the target: a checkpoint is either the old file or the complete new one (temporary files of killed
+  processes are removed at the next save). Everything else is torch.
 * ``cpu_distributed`` (basicsr 1.4.2, machines without CUDA): basicsr's ``_init_dist_pytorch`` divides
   the rank by the GPU count and sets a CUDA device. Without CUDA, the process group is initialised with
   the ``gloo`` backend instead (``torchrun --nproc_per_node 2 -m cdnsr_plugin.train ... --launcher
@@ -30,8 +37,11 @@ installed) gets basicsr unchanged apart from the registrations.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import sys
+import types
 import warnings
 from collections import OrderedDict
 from typing import Optional
@@ -182,6 +192,70 @@ def cpu_resume() -> None:
     train.load_resume_state = patched
 
 
+def atomic_torch_save(obj: object, path: str | os.PathLike, **kwargs: object) -> None:
+    """``torch.save(obj, path)`` through a temporary name beside ``path``, synced, then renamed over it."""
+    import torch
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'wb') as handle:
+            torch.save(obj, handle, **kwargs)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _remove_orphans(folder or '.', name)
+
+
+def _remove_orphans(folder: str, name: str) -> None:
+    """Temporary files of ``name`` left by a killed process (its pid no longer runs)."""
+    prefix = f'.{name}.'
+    for entry in os.listdir(folder):
+        pid = entry[len(prefix):-len('.tmp')] if entry.startswith(prefix) and entry.endswith('.tmp') else ''
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, entry))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class _TorchSavingAtomically(types.ModuleType):
+    """``torch`` with ``save`` going through ``atomic_torch_save`` when given a path."""
+
+    def __init__(self) -> None:
+        super().__init__('torch', 'torch, whose save writes to a temporary name then renames (cdnsr_plugin.compat)')
+
+    def __getattr__(self, name: str) -> object:
+        import torch
+        return getattr(torch, name)
+
+    @staticmethod
+    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        import torch
+        if isinstance(f, (str, os.PathLike)) and not args:
+            return atomic_torch_save(obj, f, **kwargs)
+        return torch.save(obj, f, *args, **kwargs)
+
+
+def atomic_checkpoints() -> None:
+    """Make BasicSR's checkpoint and training-state writes atomic (see module doc)."""
+    from basicsr.models import base_model
+    if not isinstance(base_model.torch, _TorchSavingAtomically):
+        base_model.torch = _TorchSavingAtomically()
+
+
 def cpu_distributed() -> None:
     """Initialise ``--launcher pytorch`` runs with gloo when there is no GPU (see module doc)."""
     from basicsr.utils import dist_util
@@ -202,8 +276,10 @@ def cpu_distributed() -> None:
 
 
 def patch_basicsr() -> None:
-    """Apply ``use_safe_yaml``, ``cpu_resume`` and ``cpu_distributed`` (idempotent). Called by the entries that
-    run basicsr's pipelines and by the start-up hook for BasicSR's own scripts; see the module docstring."""
+    """Apply ``use_safe_yaml``, ``cpu_resume``, ``atomic_checkpoints`` and ``cpu_distributed`` (idempotent). Called
+    by the entries that run basicsr's pipelines and by the start-up hook for BasicSR's own scripts; see the
+    module docstring."""
     use_safe_yaml()
     cpu_resume()
+    atomic_checkpoints()
     cpu_distributed()

@@ -7,10 +7,12 @@ import os
 
 import cdnsr_plugin  # noqa: F401  (registers the plugin before basicsr reads the options)
 from cdnsr_plugin.compat import patch_basicsr
+from cdnsr_plugin.models.option_check import check_before_folders
 
 
 def main() -> None:
-    patch_basicsr()  # safe YAML, CPU resume, gloo DDP without GPUs (compat.py)
+    patch_basicsr()  # safe YAML, CPU resume, atomic checkpoints, gloo DDP without GPUs (compat.py)
+    check_before_folders()  # every option error in one message, before experiments/<name>/ is created
     from basicsr.train import train_pipeline
     train_pipeline(os.getcwd())
     _close_process_group()

@@ -115,3 +115,66 @@ def test_an_alias_bomb_is_refused_at_once(tmp_path):
         yaml.load(bomb.read_text(), Loader=ordered_yaml()[0])
     shared = yaml.load('base: &b {lr: 1.0e-3}\nstage1: *b\nstage2: *b\n', Loader=ordered_yaml()[0])
     assert shared['stage2']['lr'] == 1e-3
+
+
+KILLED_WHILE_SAVING = """
+import sys, types, torch
+from basicsr.models.base_model import BaseModel
+if sys.argv[2] == 'patched':
+    from cdnsr_plugin.compat import atomic_checkpoints
+    atomic_checkpoints()
+net = torch.nn.Linear(4096, 4096)  # 64 MB of weights: each save takes a while
+model = types.SimpleNamespace(opt={'path': {'models': sys.argv[1]}}, get_bare_model=lambda n: n)
+BaseModel.save_network(model, net, 'net_g', 'latest')
+print('saved', flush=True)
+while True:
+    with torch.no_grad():
+        net.weight.add_(1)
+    BaseModel.save_network(model, net, 'net_g', 'latest')
+"""
+
+
+def _kill_while_saving(folder: Path, mode: str, delays: list[float]) -> list[bool]:
+    """Run BasicSR's ``save_network`` in a loop and SIGKILL it at each delay; whether the checkpoint loaded."""
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    loaded = []
+    for delay in delays:
+        proc = subprocess.Popen(
+            [sys.executable, '-c', KILLED_WHILE_SAVING, str(folder), mode], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == 'saved'
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        try:
+            state = torch.load(folder / 'net_g_latest.pth', weights_only=True)['params']
+            loaded.append(state['weight'].shape == (4096, 4096))
+        except Exception:  # noqa: BLE001 (truncated)
+            loaded.append(False)
+    return loaded
+
+
+@pytest.mark.slow
+def test_a_kill_while_basicsr_saves_leaves_the_old_checkpoint_or_the_new_one(tmp_path):
+    """Through ``atomic_checkpoints`` BasicSR's ``save_network`` writes to a temporary name and renames: a
+    SIGKILL at any moment leaves a checkpoint that loads. Unpatched, the same kills leave truncated files."""
+    delays = [0.4, 0.75, 1.1]
+    (tmp_path / 'patched').mkdir()
+    assert all(_kill_while_saving(tmp_path / 'patched', 'patched', delays))
+    left = sorted(p.name for p in (tmp_path / 'patched').iterdir())  # at most the last kill's temporary file
+    assert left[-1] == 'net_g_latest.pth' and len(left) <= 2 and all(name.endswith('.tmp') for name in left[:-1]), left
+    (tmp_path / 'plain').mkdir()
+    assert not all(_kill_while_saving(tmp_path / 'plain', 'plain', delays)), 'the unpatched save is not atomic'
+
+
+def test_atomic_checkpoints_change_only_torch_save_for_basicsr():
+    import torch
+    from basicsr.models import base_model
+
+    from cdnsr_plugin.compat import atomic_checkpoints
+    atomic_checkpoints()
+    assert base_model.torch.load is torch.load and base_model.torch.nn is torch.nn
+    assert base_model.torch.save is not torch.save

@@ -114,8 +114,8 @@ def _check_costs(costs: Union[Tensor, Sequence[float]], like: Tensor, name: str)
 
 
 def _check_fraction(value: float, name: str, key: str) -> float:
-    if not 0 < value <= 1:
-        raise ValueError(f'{name}: {key} must be in (0, 1] (a fraction of the backbone FLOPs), got {value}')
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f'{name}: {key} must be a number in (0, 1] (a fraction of the backbone FLOPs), got {value!r}')
     return float(value)
 
 

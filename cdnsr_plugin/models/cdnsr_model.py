@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -27,6 +28,30 @@ def routing_inputs(loss: torch.nn.Module) -> tuple[str, ...]:
     """What ``loss`` is called with: its ``routing_inputs`` (the plugin's losses), else ``(sr, gt)`` (BasicSR's
     pixel and perceptual losses)."""
     return tuple(getattr(loss, 'routing_inputs', ('sr', 'gt')))
+
+
+def stage_input_errors(opt: dict[str, Any], losses: dict[str, torch.nn.Module], stages: list[Stage],
+                       net: torch.nn.Module) -> list[str]:
+    """Stages whose data or routing cannot feed their losses (``losses`` built from ``train.losses``, ``net`` the
+    ``CDNSRNet`` of ``network_g``)."""
+    errors = []
+    dataset_type = opt['datasets']['train'].get('type')
+    for stage in stages:
+        key = f'train.stages[{stage.index}] ({stage.name})'
+        if stage.routing == 'labels' and dataset_type != 'DifficultyPairedDataset':
+            errors.append(f'{key} routes by data labels: datasets.train.type must be DifficultyPairedDataset, '
+                          f'got {dataset_type}')
+        needs_probs = [n for n in stage.losses if set(routing_inputs(losses[n])) & set(CLASSIFIER_INPUTS)]
+        if stage.routing in LABEL_ROUTINGS and needs_probs:
+            errors.append(f'{key} routes by {stage.routing}, so {needs_probs} would see no classifier output')
+        if stage.frozen == 'classifier' and needs_probs:
+            errors.append(f'{key} freezes the classifier, so {needs_probs} cannot train anything')
+        if stage.prune:
+            arches = [branch.get('type') for branch in getattr(net, 'branch_opts', [])]
+            if len(set(arches)) != 1 or not prunable(arches[0]):
+                errors.append(f'{key} prunes the branches from the largest one: they must share one prunable arch '
+                              f'(FSRCNN, CARN, MSRResNet, EDSR), got {arches}')
+    return errors
 
 
 @register(MODEL_REGISTRY)
@@ -86,8 +111,9 @@ class CDNSRModel(SRModel):
         self._load_parts()
         train_opt = self.opt['train']
         self.losses, errors = self._build_losses(train_opt.get('losses') or {})
-        self.stages, stage_errors = parse_stages(train_opt, set(self.losses))
-        errors += stage_errors + self._check_stage_inputs()
+        self.stages, stage_errors = parse_stages(train_opt, set(train_opt.get('losses') or {}))
+        errors += stage_errors + (
+            stage_input_errors(self.opt, self.losses, self.stages, self.bare_net) if not stage_errors else [])
         if errors:
             raise ValueError('invalid training options (nothing was trained):\n  - ' + '\n  - '.join(errors))
         patch = self.opt['datasets']['train'].get('gt_size', 32 * self.opt['scale']) // self.opt['scale']
@@ -113,27 +139,6 @@ class CDNSRModel(SRModel):
             except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
                 errors.append(f'train.losses.{name}: {exc}')
         return losses, errors
-
-    def _check_stage_inputs(self) -> list[str]:
-        """Stages whose data or routing cannot feed their losses."""
-        errors = []
-        dataset_type = self.opt['datasets']['train'].get('type')
-        for stage in self.stages:
-            key = f'train.stages[{stage.index}] ({stage.name})'
-            if stage.routing == 'labels' and dataset_type != 'DifficultyPairedDataset':
-                errors.append(f'{key} routes by data labels: datasets.train.type must be DifficultyPairedDataset, '
-                              f'got {dataset_type}')
-            needs_probs = [n for n in stage.losses if set(routing_inputs(self.losses[n])) & set(CLASSIFIER_INPUTS)]
-            if stage.routing in LABEL_ROUTINGS and needs_probs:
-                errors.append(f'{key} routes by {stage.routing}, so {needs_probs} would see no classifier output')
-            if stage.frozen == 'classifier' and needs_probs:
-                errors.append(f'{key} freezes the classifier, so {needs_probs} cannot train anything')
-            if stage.prune:
-                arches = [opt.get('type') for opt in self.bare_net.branch_opts]
-                if len(set(arches)) != 1 or not prunable(arches[0]):
-                    errors.append(f'{key} prunes the branches from the largest one: they must share one prunable arch '
-                                  f'(FSRCNN, CARN, MSRResNet, EDSR), got {arches}')
-        return errors
 
     def _fill_scheduler_periods(self, train_opt: dict) -> None:
         """CosineAnnealingRestartLR without ``periods`` restarts at every stage boundary, at each stage's ``lr``.
@@ -204,8 +209,7 @@ class CDNSRModel(SRModel):
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f'training stopped: the loss is {total.item()} at iter {current_iter} (stage {stage.name}, '
-                f'{ {k: v.item() for k, v in loss_dict.items()} }); nothing was updated, the last saved '
-                f"checkpoint in {self.opt['path']['models']} is the last good one")
+                f'{ {k: v.item() for k, v in loss_dict.items()} }); nothing was updated. {self._last_good()}')
         total.backward()
         self._skip_unreached_branches()
         self.optimizer_g.step()
@@ -214,6 +218,14 @@ class CDNSRModel(SRModel):
         self.log_dict.update(self._routing_log(stage, batch['probs'], tau))
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+
+    def _last_good(self) -> str:
+        """Where the last good weights are, for the message of a stop (none saved yet: say so)."""
+        folder = Path(self.opt['path']['models'])
+        saved = sorted(folder.glob('net_g_*.pth'), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        if not saved:
+            return f'No checkpoint was saved yet (in {folder}): lower the learning rate or check the data and losses'
+        return f'The last good checkpoint is {saved[-1]}'
 
     def _skip_unreached_branches(self) -> None:
         """A branch whose gradients are all exactly zero this iteration gets no update.

@@ -34,6 +34,7 @@ branches and 2e-4 for the classifier.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -96,6 +97,11 @@ def _stage_errors(raw: Any, i: int, loss_names: set[str]) -> list[str]:
             f'{key}.losses.{name} is not configured in train.losses (configured: {sorted(loss_names)})'
             for name in losses if name not in loss_names
         ]
+        errors += [
+            f'{key}.losses.{name}: the weight must be a finite number, got {weight!r}'
+            for name, weight in losses.items()
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)
+        ]
     parts = raw.get('train')
     if parts is not None and (not isinstance(parts, list) or not parts or any(p not in PARTS for p in parts)):
         errors.append(f'{key}.train must list parts among {PARTS}, got {parts!r}')
@@ -131,7 +137,7 @@ def parse_stages(train_opt: dict, loss_names: set[str]) -> tuple[list[Stage], li
         stages.append(Stage(i, name, start, raw['iters'], train, routing, losses, tau, bool(raw.get('prune')), lr))
         start += raw['iters']
     total = train_opt.get('total_iter')
-    if total is not None and int(total) != start - 1:
+    if isinstance(total, int) and not isinstance(total, bool) and total != start - 1:
         errors.append(f'train.total_iter is {total} but the stages add up to {start - 1} iterations')
     return stages, errors
 

@@ -49,8 +49,8 @@ from cdnsr_plugin.inference.regions import Plan
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.config import DatasetSpec, Setting, TestConfig
 from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, SettingResult
-from cdnsr_plugin.tester.safety import (check_finite_weights, check_memory, check_out_folder, check_output_names,
-                                        replace_earlier_run)
+from cdnsr_plugin.tester.safety import (check_finite_weights, check_free_space, check_memory, check_out_folder,
+                                        check_output_names, replace_earlier_run)
 from cdnsr_plugin.utils.checkpoint import load_parts, load_weights
 from cdnsr_plugin.utils.image import to_tensor
 from cdnsr_plugin.utils.io import SkipImage, Skipped, list_images, read_image, write_image
@@ -232,6 +232,11 @@ class Runner:
         if cfg.save_images:
             check_output_names(spec.lq for spec in cfg.datasets if spec.lq.is_dir())
         net = load_network(cfg)
+        if cfg.save_images:
+            inputs = [p for spec in cfg.datasets if spec.lq.is_dir() for p in list_images(spec.lq, Skipped())]
+            warning = check_free_space(cfg.out, inputs, net.scale)
+            if warning:
+                print(f'warning: {warning}', file=sys.stderr)
         patch = cfg.engine.patch
         self.table = cost_table(net, patch=patch)
         self.router = load_router(cfg, net.num_classes)

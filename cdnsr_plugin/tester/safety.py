@@ -1,12 +1,14 @@
 """Checks the tester makes before any work, so that nothing of the user's is overwritten and no run ends in
 a traceback after hours: the results folder is not an input folder (nor inside or above one) and is
-writable; output names cannot collide; the weights are finite. Each raises ``ValueError`` with a message
-that names the folder, file or checkpoint part and says what to do (the command line exits with status 2).
+writable, with room for the images it will write; output names cannot collide; the weights are finite. Each
+raises ``ValueError`` with a message that names the folder, file or checkpoint part and says what to do (the
+command line exits with status 2).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -188,3 +190,37 @@ def check_memory(path: Path, height: int, width: int, scale: int, device: torch.
         raise ValueError(f'{path}: a {width}x{height} input gives a {scale * width}x{scale * height} output that '
                          f'needs about {needed / 2**30:.1f} GB and {available / 2**30:.1f} GB are free on {device}; '
                          'cut the image into parts (or use a machine with more memory)')
+
+
+# PNG keeps a photo at 35-70% of its raw bytes; a quarter is below what photos reach (flat synthetic images do)
+PNG_FLOOR = 0.25
+
+
+def image_size(path: Path) -> Optional[tuple[int, int]]:
+    """``(height, width)`` from the file's header (Pillow reads no pixels); ``None`` if it cannot be read (the
+    run reports that file later)."""
+    from PIL import Image
+    try:
+        with open(path, 'rb') as handle, Image.open(handle) as img:
+            width, height = img.size
+    except Exception:  # noqa: BLE001 (corrupt, not an image: the run's reader names the reason)
+        return None
+    return height, width
+
+
+def check_free_space(out: Path, inputs: Iterable[Path], scale: int, files_per_image: int = 2) -> Optional[str]:
+    """Before any work: the SR images and class maps of ``inputs`` must fit on the disk of ``out``. Their
+    PNG size is not known before encoding, so the raw size (3 bytes a pixel) is the estimate: below
+    ``PNG_FLOOR`` of it the run is refused (``ValueError``); below all of it a warning is returned (the run
+    goes on; an image that then does not fit fails alone, named, and the others go on)."""
+    sizes = [size for size in map(image_size, inputs) if size is not None]
+    raw = files_per_image * sum(3 * h * w * scale * scale for h, w in sizes)
+    free = shutil.disk_usage(out).free
+    if free < PNG_FLOOR * raw:
+        raise ValueError(f'--out {out}: the {len(sizes)} images need about {PNG_FLOOR * raw / 2**30:.2f}-'
+                         f'{raw / 2**30:.2f} GB (SR images and class maps as PNG) and {free / 2**30:.2f} GB are free '
+                         'there; free some space, choose another --out, or pass --no-save-images')
+    if free < raw:
+        return (f'--out {out} has {free / 2**30:.2f} GB free and the SR images and class maps may need up to '
+                f'{raw / 2**30:.2f} GB: images that do not fit will fail')
+    return None

@@ -21,6 +21,7 @@ Images are returned as uint8 BGR arrays (H, W, 3), OpenCV's and BasicSR's order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -52,9 +53,13 @@ def atomic_write(path: Path | str, data: bytes) -> Path:
         with open(tmp, 'wb') as handle:
             handle.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                exc.errno, f'no space left on the disk of {path.parent} for {path.name} '
+                f'({len(data) / 2**20:.1f} MB): free some space or write elsewhere') from exc
         raise
     return path
 

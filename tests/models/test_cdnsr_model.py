@@ -200,9 +200,14 @@ def test_nan_loss_stops_without_touching_the_weights(tmp_path, training_data):
     item['lq'][0, 0, 0, 0] = float('nan')
     model.feed_data(item)
     before = snapshot(model.bare_net)
-    with pytest.raises(FloatingPointError, match='last good one'):
+    with pytest.raises(FloatingPointError, match='No checkpoint was saved yet'):
         model.optimize_parameters(1)
     assert not changed(before, model.bare_net)
+    for folder in ('models', 'states'):
+        (tmp_path / 'experiment' / folder).mkdir(parents=True)
+    model.save(0, 5)
+    with pytest.raises(FloatingPointError, match=r'The last good checkpoint is .*net_g_5\.pth'):
+        model.optimize_parameters(1)
 
 
 def test_parts_load_from_their_own_checkpoints(tmp_path, training_data):

@@ -202,3 +202,27 @@ def test_file_names_that_are_not_utf8_are_processed_and_reported(setup, tmp_path
     assert b'caf\xe9' in (out / 'report.csv').read_bytes()
     report = json.loads((out / 'report.json').read_text())
     assert os.fsdecode(b'caf\xe9') in {r['image'] for r in report['settings'][0]['images']}
+
+
+def test_free_space_for_the_outputs_is_checked_before_any_work(setup, tmp_path, capsys, monkeypatch):
+    """The disk's free space (as ``shutil.disk_usage`` reports it, here set to a small disk) against the raw size
+    of the SR images and class maps: below a quarter of it the run is refused, exit 2, nothing written; below
+    all of it a warning names both sizes and the run goes on."""
+    from cdnsr_plugin.tester import safety
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    raw = sum(2 * 3 * 16 * h * w for h, w in map(safety.image_size, lr.iterdir()))
+    real = shutil.disk_usage
+
+    def small_disk(free):
+        return lambda path: real(path)._replace(free=free)
+
+    monkeypatch.setattr(safety.shutil, 'disk_usage', small_disk(int(0.2 * raw)))
+    assert run(root, lr, tmp_path / 'full') == 2
+    err = capsys.readouterr().err
+    assert 'free some space' in err and f'{raw / 2**30:.2f} GB' in err
+    assert not any((tmp_path / 'full').rglob('*.png'))
+    monkeypatch.setattr(safety.shutil, 'disk_usage', small_disk(int(0.5 * raw)))
+    assert run(root, lr, tmp_path / 'tight') == 0
+    assert 'images that do not fit will fail' in capsys.readouterr().err
+    assert len(list((tmp_path / 'tight' / 'lr').glob('*_classmap.png'))) == 2
