@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -105,6 +106,10 @@ class CARN(nn.Module):
         num_feat: width; must be divisible by ``groups``.
         upscale: 2, 3, 4 or 8.
         groups: groups of the grouped convolutions (CARN-M: 4).
+        rgb_mean: the per-channel offset subtracted from the input and added to the output; default the
+            DIV2K mean (3 channels; zero otherwise). Imported official ClassSR / CDNSR weights set it: their
+            ``MeanShift`` 1x1 convs were trained along, and ``cdnsr_plugin/deploy/convert.py`` folds them into
+            ``entry`` / ``exit`` exactly only with the offset they imply.
 
     Examples:
         >>> CARN(num_feat=36, upscale=2)(torch.zeros(1, 3, 8, 8)).shape
@@ -116,12 +121,19 @@ class CARN(nn.Module):
                  num_out_ch: int = 3,
                  num_feat: int = 64,
                  upscale: int = 4,
-                 groups: int = 4) -> None:
+                 groups: int = 4,
+                 rgb_mean: Optional[Sequence[float]] = None) -> None:
         super().__init__()
         if num_feat % groups:
             raise ValueError(f'CARN num_feat ({num_feat}) must be divisible by groups ({groups})')
         self.upscale = upscale
-        mean = torch.tensor(_RGB_MEAN) if num_in_ch == num_out_ch == 3 else torch.zeros(1)
+        if rgb_mean is None:
+            mean = torch.tensor(_RGB_MEAN) if num_in_ch == num_out_ch == 3 else torch.zeros(1)
+        elif num_in_ch != num_out_ch or len(rgb_mean) != num_in_ch:
+            raise ValueError(f'CARN rgb_mean needs num_in_ch == num_out_ch and one value per channel, got '
+                             f'{list(rgb_mean)} for {num_in_ch} -> {num_out_ch} channels')
+        else:
+            mean = torch.tensor([float(v) for v in rgb_mean])
         self.register_buffer('mean', mean.view(1, -1, 1, 1), persistent=False)
         self.entry = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
         self.b1 = CascadingBlock(num_feat, groups)

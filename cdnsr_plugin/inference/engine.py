@@ -158,7 +158,7 @@ class RoutedEngine:
     Args:
         net: the routed container (its classifier and branches). Never modified; see the module docstring.
         options: tiling and speed settings.
-        device: where to run; default: the device of ``net``'s parameters.
+        device: where to run; default: the device of ``net``'s parameters (the CPU for a network without any).
 
     Examples:
         >>> engine = RoutedEngine(net, EngineOptions(max_batch=16))
@@ -171,13 +171,14 @@ class RoutedEngine:
                  net: nn.Module,
                  options: EngineOptions = EngineOptions(),
                  device: Optional[torch.device | str] = None) -> None:
-        parameter = next(net.parameters())
-        self.device = _resolved(torch.device(device) if device is not None else parameter.device)
+        parameter = next(net.parameters(), None)  # None: no torch weights (an exported network, deploy.onnx_runtime)
+        own_device = parameter.device if parameter is not None else torch.device('cpu')
+        self.device = _resolved(torch.device(device) if device is not None else own_device)
         options.validate(self.device)
         self.options = options
         self.max_batch = options.max_batch or default_max_batch(self.device)
         self.dtype = PRECISIONS[options.precision]
-        if _resolved(parameter.device) != self.device or parameter.dtype != self.dtype:
+        if parameter is not None and (_resolved(parameter.device) != self.device or parameter.dtype != self.dtype):
             net = copy.deepcopy(net).to(device=self.device, dtype=self.dtype)
         self.net = net
         self.scale, self.num_classes = net.scale, net.num_classes
@@ -189,9 +190,13 @@ class RoutedEngine:
     def coefficients(self) -> list[dict]:
         """Each branch's whole-image cost model ``a * pixels + b`` per convention
         (``costs.full_image_coefficients``, ptflops), measured once: what executed-cost reports multiply by the
-        pixels each branch processed, and (the last one) the backbone on the whole image."""
+        pixels each branch processed, and (the last one) the backbone on the whole image. A network that carries
+        them (``cost_coefficients``: an exported one, measured at export) is not measured again."""
         if self._coefficients is None:
-            self._coefficients = [full_image_coefficients(b, self.options.patch) for b in self.net.branches]
+            known = getattr(self.net, 'cost_coefficients', None)
+            self._coefficients = list(known) if known is not None else [
+                full_image_coefficients(b, self.options.patch) for b in self.net.branches
+            ]
         return self._coefficients
 
     @property
@@ -201,9 +206,12 @@ class RoutedEngine:
 
     @property
     def halo(self) -> int:
-        """Context per region side (``regions``), resolved once by ``regions.default_halo``."""
+        """Context per region side (``regions``), resolved once by ``regions.default_halo``, or by the network's
+        ``resolve_halo`` where it has one (an exported network: the halos measured at export)."""
         if not isinstance(self._halo, int):
-            self._halo = default_halo(self.net.branches, self._halo, size=max(64, 4 * self.options.patch))
+            resolve = getattr(self.net, 'resolve_halo', None)
+            self._halo = resolve(self._halo) if resolve is not None else default_halo(
+                self.net.branches, self._halo, size=max(64, 4 * self.options.patch))
         return self._halo
 
     # ------------------------------------------------------------------ helpers

@@ -10,6 +10,10 @@ the file.
 Direct mode: ``--input LR_DIR [--gt HR_DIR] --checkpoint CKPT --scale 4``. The network comes from
 ``--network`` (an option file with ``network_g``) or, by default, from the option file BasicSR copied
 into the checkpoint's experiment folder (``experiments/<name>/models/x.pth`` -> ``experiments/<name>/*.yml``).
+
+Backends: ``torch`` (default) runs the network built from the options with its checkpoint; ``onnxruntime``
+(``--onnx FOLDER``, what ``tools/export_onnx.py`` wrote) runs the exported classifier and branches on the CPU,
+the network, scale, costs, halos and default patch coming from the export's manifest (``deploy.onnx_runtime``).
 """
 from __future__ import annotations
 
@@ -21,11 +25,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cdnsr_plugin.compat import load_yaml
+from cdnsr_plugin.deploy.onnx_runtime import read_manifest
 from cdnsr_plugin.inference.engine import PRECISIONS, EngineOptions
 from cdnsr_plugin.inference.regions import DEFAULT_HALO, parse_halo
 
 DEFAULT_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ROUTERS = ('classifier', 'laplacian')
+BACKENDS = ('torch', 'onnxruntime')
+ONNXRUNTIME = 'onnxruntime'
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ class TestConfig:
     save_images: bool = True
     overwrite: bool = False  # --out may hold an earlier run (its outputs are removed first)
     save_setting: Optional[str] = None
+    backend: str = 'torch'  # or onnxruntime: the export in ``onnx`` (tools/export_onnx.py), on the CPU
+    onnx: Optional[Path] = None
 
 
 def halo_type(text: str) -> int | str:
@@ -91,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         'cost knob. Either -opt TEST_OPTIONS.yml, or --input LR_DIR [--gt HR_DIR] --checkpoint CKPT --scale S.')
     source = parser.add_argument_group('what to test')
     source.add_argument('-opt', help='BasicSR test option file (datasets, network_g, path, val)')
-    source.add_argument('--input', type=Path, help='folder of LR images (direct mode)')
+    source.add_argument('--input', type=Path, help='an LR image, or a folder of LR images (direct mode)')
     source.add_argument('--gt', type=Path, help='folder of HR images named like the LR ones (direct mode)')
     source.add_argument('--checkpoint', type=Path, help='weights (.pth); overrides path.pretrain_network_g')
     source.add_argument(
@@ -104,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
         help='option file with network_g (direct mode; default: the '
         'option file BasicSR saved in the checkpoint\'s experiment folder)')
     source.add_argument('--scale', type=int, help='upscaling factor (checked against the network)')
+    source.add_argument(
+        '--backend',
+        choices=BACKENDS,
+        help='torch (default): the network and its checkpoint; onnxruntime: an export of tools/export_onnx.py '
+        '(--onnx), on the CPU (default when --onnx is given)')
+    source.add_argument(
+        '--onnx',
+        type=Path,
+        help='folder written by tools/export_onnx.py: its manifest gives the network, scale, costs and halo (no '
+        '--checkpoint/--network; with -opt only the file\'s datasets and val are read)')
     source.add_argument('--name', help='run name (default: from the option file, else the LR folder name)')
     source.add_argument('--out', type=Path, help='results folder, new or empty (default: results/<name>)')
     source.add_argument(
@@ -301,22 +320,55 @@ def _from_option_file(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """Direct mode: ``--input [--gt] --checkpoint [--network]``."""
-    if args.checkpoint is None and not (args.branches and args.network):
+    """Direct mode: ``--input [--gt] --checkpoint [--network]`` (or ``--onnx``: see ``_use_export``)."""
+    if args.onnx is None and args.checkpoint is None and not (args.branches and args.network):
         raise ValueError('direct mode needs --checkpoint CKPT (the trained weights, e.g. '
                          'experiments/<name>/models/net_g_latest.pth), or --network NET.yml with --branches')
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f'--checkpoint {args.checkpoint} does not exist; pass the .pth file training '
                                 'wrote (experiments/<name>/models/net_g_latest.pth)')
-    _check_folder(args.input, '--input')
+    if not args.input.is_file():
+        _check_folder(args.input, '--input')
     if args.gt is not None:
         _check_folder(args.gt, '--gt')
-    dataset = DatasetSpec(args.input.resolve().name or 'input', args.input, args.gt)
+    folder = args.input.resolve().parent if args.input.is_file() else args.input.resolve()
+    dataset = DatasetSpec(folder.name or 'input', args.input, args.gt)
     return {
-        'datasets': [dataset], 'network': network_options(args.network or find_experiment_options(args.checkpoint)),
-        'checkpoint': args.checkpoint, 'name': args.name or dataset.name, 'scale': args.scale, 'val': {},
-        'param_key': None, 'strict': True, 'parts': {}, 'device': args.device or 'auto'
+        'datasets': [dataset], 'network': {} if args.onnx is not None else network_options(
+            args.network or find_experiment_options(args.checkpoint)), 'checkpoint': args.checkpoint, 'name': args.name
+        or dataset.name, 'scale': args.scale, 'val': {}, 'param_key': None, 'strict': True, 'parts': {},
+        'device': args.device or 'auto'
     }
+
+
+def _backend(args: argparse.Namespace) -> str:
+    """``--backend``, by default ``onnxruntime`` with ``--onnx`` and ``torch`` without."""
+    backend = args.backend or (ONNXRUNTIME if args.onnx is not None else 'torch')
+    if backend == ONNXRUNTIME and args.onnx is None:
+        raise ValueError('--backend onnxruntime runs an exported network: add --onnx FOLDER (written by '
+                         'tools/export_onnx.py)')
+    if backend == 'torch' and args.onnx is not None:
+        raise ValueError(f'--onnx {args.onnx} is run by --backend onnxruntime, not torch: drop --backend torch')
+    return backend
+
+
+def _use_export(args: argparse.Namespace, base: dict[str, Any]) -> dict:
+    """``--backend onnxruntime``: the network comes from the export's manifest (returned), and runs on the CPU."""
+    given = [
+        flag for flag, value in (('--checkpoint', args.checkpoint), ('--network', args.network),
+                                 ('--branches', args.branches)) if value
+    ]
+    if given:
+        raise ValueError(f'--onnx {args.onnx} holds the network and its weights: drop {", ".join(given)}')
+    manifest = read_manifest(args.onnx)
+    device = base['device']
+    if device == 'auto':
+        device = 'cpu'
+    if str(device).split(':')[0] != 'cpu':
+        raise ValueError(f'--backend onnxruntime runs on the CPU (onnxruntime\'s CPU provider), not {device}: drop '
+                         '--device (and num_gpu in the option file), or run --backend torch on the GPU')
+    base.update(network=dict(manifest['network_g']), checkpoint=None, parts={}, device=device)
+    return manifest
 
 
 def _engine_options(args: argparse.Namespace, val: dict) -> EngineOptions:
@@ -334,7 +386,9 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
     args = build_parser().parse_args(argv)
     if bool(args.opt) == bool(args.input):
         raise ValueError('give either -opt TEST_OPTIONS.yml or --input LR_DIR (direct mode), not both or neither')
+    backend = _backend(args)
     base = _from_option_file(args) if args.opt else _from_flags(args)
+    manifest = _use_export(args, base) if backend == ONNXRUNTIME else None
     datasets, network, checkpoint, name = base['datasets'], base['network'], base['checkpoint'], base['name']
     scale, val, param_key, strict, parts, device = (
         base[k] for k in ('scale', 'val', 'param_key', 'strict', 'parts', 'device'))
@@ -358,15 +412,27 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
     if router == 'laplacian' and not (router_file or args.fit_router):
         raise ValueError('the Laplacian router needs thresholds: --router-file FILE.json, or --fit-router '
                          'PREPARED_SET (the tools/prepare_data.py output with labels.txt)')
-    if checkpoint is None and not parts:
+    weights = manifest is not None or checkpoint is not None  # an export holds its weights
+    if not weights and not parts:
         raise ValueError('no weights: set path.pretrain_network_g in the option file or pass --checkpoint CKPT')
-    if checkpoint is None and router == 'classifier' and 'pretrain_network_classifier' not in parts:
+    if not weights and router == 'classifier' and 'pretrain_network_classifier' not in parts:
         raise ValueError('routing by the learned classifier needs its weights: --checkpoint CKPT (or '
                          'path.pretrain_network_classifier); without a trained classifier use --router laplacian')
     if args.threads is not None and args.threads < 1:
         raise ValueError(f'--threads must be a positive number of CPU threads, got {args.threads}; omit it for '
                          'torch\'s choice')
     settings = _settings(args, val, router)
+    engine = _engine_options(args, val)
+    if manifest is not None:  # the export's patch and stride unless a flag or val key sets them
+        exported = {
+            k: manifest['engine'][k]
+            for k in ('patch', 'stride') if getattr(args, k) is None and val.get(k) is None
+        }
+        engine = dataclasses.replace(engine, **exported)
+        if engine.patch != manifest['engine']['patch']:
+            raise ValueError(f"--patch {engine.patch}: the export at {args.onnx} measured its per-tile costs at patch "
+                             f"{manifest['engine']['patch']}; drop --patch (val.patch) or export again with "
+                             f'--patch {engine.patch}')
     return TestConfig(
         name=str(name),
         out=args.out or Path('results') / str(name),
@@ -377,7 +443,7 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
         parts=parts,
         param_key=param_key,
         strict=bool(strict),
-        engine=_engine_options(args, val),
+        engine=engine,
         device=device,
         threads=args.threads,
         router=router,
@@ -388,4 +454,6 @@ def from_args(argv: Optional[list[str]] = None) -> TestConfig:
         convention=convention,
         save_images=not args.no_save_images and val.get('save_img', True) is not False,
         overwrite=bool(args.overwrite),
-        save_setting=_check_save_setting(args.save_setting, settings))
+        save_setting=_check_save_setting(args.save_setting, settings),
+        backend=backend,
+        onnx=args.onnx)

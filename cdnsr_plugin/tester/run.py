@@ -22,6 +22,10 @@ sizes (``inference.costs.full_image_cost``). Per record: ``per_patch`` = total /
 (cells or papers' tiles), ``percent_of_largest`` = that per tile in % of the largest branch on one tile (the
 papers' tables), ``percent_of_full_image`` = total in % of ``backbone full image`` (the honest figure).
 Comparisons divide totals over the same images.
+
+Backend ``onnxruntime`` (``--onnx``): the export of ``tools/export_onnx.py`` is loaded as
+``deploy.onnx_runtime.ExportedNet`` and run by the same engine on the CPU; its per-tile costs, cost coefficients
+and halos are those measured on the torch network at export (the manifest), so reports compare across backends.
 """
 from __future__ import annotations
 
@@ -41,13 +45,14 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 from tqdm import tqdm
 
+from cdnsr_plugin.deploy.onnx_runtime import load_exported, require_onnxruntime
 from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table, executed_cost, full_image_cost
 from cdnsr_plugin.inference.engine import RoutedEngine
 from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, LaplacianRouter
 from cdnsr_plugin.inference.policies import cost_aware_labels, solve_budget
 from cdnsr_plugin.inference.regions import Plan
 from cdnsr_plugin.inference.tiling import PatchGrid
-from cdnsr_plugin.tester.config import DatasetSpec, Setting, TestConfig
+from cdnsr_plugin.tester.config import ONNXRUNTIME, DatasetSpec, Setting, TestConfig
 from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, SettingResult
 from cdnsr_plugin.tester.safety import (check_finite_weights, check_free_space, check_memory, check_out_folder,
                                         check_output_names, replace_earlier_run)
@@ -82,7 +87,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_network(cfg: TestConfig) -> torch.nn.Module:
-    """Build ``network_g`` and load its weights; errors name the option key or checkpoint keys."""
+    """Build ``network_g`` and load its weights; errors name the option key or checkpoint keys. Backend
+    ``onnxruntime``: the export in ``cfg.onnx``, its files checked against the manifest's sha256."""
+    if cfg.backend == ONNXRUNTIME:
+        net = load_exported(cfg.onnx)
+        if cfg.scale is not None and cfg.scale != net.scale:
+            raise ValueError(f'scale is {cfg.scale} but the export at {cfg.onnx} upscales x{net.scale}')
+        return net
     if cfg.network.get('type') != 'CDNSRNet':
         raise ValueError(f"network_g.type is {cfg.network.get('type')!r}: the tester routes a CDNSRNet "
                          '(classifier + branches); test a single network with basicsr/test.py, or put it '
@@ -115,6 +126,16 @@ def load_router(cfg: TestConfig, num_classes: int) -> Optional[LaplacianRouter]:
 
 
 # ---------------------------------------------------------------------- reading
+def input_folder(lq: Path) -> Path:
+    """The folder of the user's inputs: ``lq`` itself, or the folder of a single input image."""
+    return lq.parent if lq.is_file() else lq
+
+
+def images_of(lq: Path, skipped: Skipped) -> list[Path]:
+    """The images to run: the one file ``--input`` names, or those of its folder (``list_images``)."""
+    return [lq] if lq.is_file() else list_images(lq, skipped)
+
+
 def gt_index(spec: DatasetSpec, failures: list[Failure]) -> dict[str, Path]:
     """LR stem -> GT path, through BasicSR's ``filename_tmpl`` (LR name = tmpl.format(GT name))."""
     if spec.gt is None:
@@ -228,17 +249,18 @@ class Runner:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         # before any work: nothing of the user's can be overwritten, and the results can be written
-        check_out_folder(cfg.out, [folder for spec in cfg.datasets for folder in (spec.lq, spec.gt)], cfg.overwrite)
+        inputs = [folder for spec in cfg.datasets for folder in (input_folder(spec.lq), spec.gt)] + [cfg.onnx]
+        check_out_folder(cfg.out, inputs, cfg.overwrite)
         if cfg.save_images:
             check_output_names(spec.lq for spec in cfg.datasets if spec.lq.is_dir())
         net = load_network(cfg)
         if cfg.save_images:
-            inputs = [p for spec in cfg.datasets if spec.lq.is_dir() for p in list_images(spec.lq, Skipped())]
+            inputs = [p for spec in cfg.datasets for p in images_of(spec.lq, Skipped())]
             warning = check_free_space(cfg.out, inputs, net.scale)
             if warning:
                 print(f'warning: {warning}', file=sys.stderr)
         patch = cfg.engine.patch
-        self.table = cost_table(net, patch=patch)
+        self.table = net.cost_table(patch) if cfg.backend == ONNXRUNTIME else cost_table(net, patch=patch)
         self.router = load_router(cfg, net.num_classes)
         macs = LAPLACIAN_MACS_PER_PIXEL * patch * patch
         self.router_cost = {'macs': macs, 'paper': 2 * macs} if self.router else None
@@ -277,7 +299,7 @@ class Runner:
         """Every image of one set; a bad image or folder is recorded in ``failures`` and the run goes on."""
         skipped = Skipped()
         try:
-            paths = list_images(spec.lq, skipped)
+            paths = images_of(spec.lq, skipped)
             gts = gt_index(spec, self.failures)
         except (FileNotFoundError, ValueError, KeyError, IndexError) as exc:
             self.failures.append(Failure(str(spec.lq), f'{type(exc).__name__}: {exc}'))
@@ -419,5 +441,17 @@ class Runner:
             'stride': cfg.engine.stride, 'max_batch': self.engine.max_batch, 'channels_last': cfg.engine.channels_last,
             'precision': cfg.engine.precision, 'budget_convention': cfg.convention, 'tiling': cfg.engine.tiling,
             'halo': self.engine.halo if self.regions else None,
-            'max_region': cfg.engine.max_region if self.regions else None
+            'max_region': cfg.engine.max_region if self.regions else None, 'backend': cfg.backend,
+            'onnx': self.onnx_info()
+        }
+
+    def onnx_info(self) -> Optional[dict[str, Any]]:
+        """Backend ``onnxruntime``: the export that ran (folder, format, opset, versions, sha256 per file)."""
+        if self.cfg.backend != ONNXRUNTIME:
+            return None
+        manifest = self.engine.net.manifest
+        hashes = {part['file']: part['sha256'] for part in [manifest['classifier'], *manifest['branches']]}
+        return {
+            'folder': str(self.cfg.onnx), 'format_version': manifest['format_version'], 'opset': manifest['opset'],
+            'exported': manifest.get('created'), 'onnxruntime': require_onnxruntime().__version__, 'sha256': hashes
         }
