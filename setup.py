@@ -60,7 +60,10 @@ setup(
         'pyyaml',
         'tqdm',
     ],
-    extras_require={'test': ['pytest>=7', 'hypothesis>=6', 'flake8>=6', 'isort>=5', 'yapf>=0.32']},
+    extras_require={
+        'test': ['pytest>=7', 'hypothesis>=6', 'flake8>=6', 'isort>=5', 'yapf>=0.32'],
+        'onnx': ['onnx>=1.14', 'onnxruntime>=1.16'],
+    },
     entry_points={
         'console_scripts': [
             'cdnsr-train=cdnsr_plugin.train:main',

@@ -9,13 +9,13 @@ import cdnsr_plugin
 
 # bottom to top; a name covers the module or the package of that dotted name (longest match wins)
 FLOORS = [
-    ['registry', 'compat', 'utils'],
+    ['registry', 'compat', 'utils', 'weights'],
     ['inference', 'inference.tiling', 'inference.costs'],
     ['archs', 'losses'],
     ['data'],
     ['inference.policies', 'inference.laplacian', 'inference.engine'],
-    ['models', 'preparation', 'tester', 'analysis'],
-    ['__init__', 'train', 'test', 'demo', 'tester.cli'],
+    ['models', 'preparation', 'tester', 'analysis', 'deploy'],
+    ['__init__', 'train', 'test', 'demo', 'run', 'tester.cli'],
 ]
 
 
