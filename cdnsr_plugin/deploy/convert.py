@@ -273,6 +273,18 @@ def _fsrcnn_convert(read: _Reader, h: dict, where: str) -> tuple[dict, State]:
     return options, {key: read(key) for key in _fsrcnn_layout(h)[0]}  # the plugin keeps ClassSR's names
 
 
+def _upsampler_scale(state: State, prefix: str, nf: int, where: str) -> int:
+    """The scale of a pixel-shuffle upsampler whose convs are ``<prefix>.<i>.weight``: one conv to 9 x nf
+    channels (x3), or one conv to 4 x nf per x2 stage."""
+    first = _shape(state, f'{prefix}.0.weight', where, 4)[0]
+    if first == 9 * nf:
+        return 3
+    if first == 4 * nf:
+        return 2**len(_indices(state, re.escape(prefix) + r'\.(\d+)\.weight'))
+    raise ValueError(f'{where}{prefix}.0.weight has {first} output channels: expected 4 x {nf} (x2 stages) '
+                     f'or 9 x {nf} (x3)')
+
+
 def _carn_infer(state: State, where: str) -> dict:
     if 'exit1.weight' in state:
         raise ValueError(f'{where}exit1.weight: an early-exit EE_CARN_M branch (CDNSR; three upsamplers and exits); '
@@ -282,15 +294,7 @@ def _carn_infer(state: State, where: str) -> dict:
     if per_group == 0 or nf % per_group:
         raise ValueError(f'{where}b1.b1.body.0.weight has {per_group} input channels per group, which does not '
                          f'divide the width {nf} (entry.weight)')
-    first = _shape(state, 'upsample.up.body.0.weight', where, 4)[0]
-    stages = len(_indices(state, r'upsample\.up\.body\.(\d+)\.weight'))
-    if first == 9 * nf:
-        scale = 3
-    elif first == 4 * nf:
-        scale = 2**stages
-    else:
-        raise ValueError(f'{where}upsample.up.body.0.weight has {first} output channels: expected 4 x {nf} '
-                         f'(x2 stages) or 9 x {nf} (x3)')
+    scale = _upsampler_scale(state, 'upsample.up.body', nf, where)
     batch_norm = 'c1.1.weight' in state or 'c1.1.running_mean' in state
     return {'width': nf, 'nf': nf, 'groups': nf // per_group, 'scale': scale, 'batch_norm': batch_norm}
 
@@ -413,15 +417,7 @@ def _rcan_infer(state: State, where: str) -> dict:
     else:
         raise ValueError(f'{where}body.0.body.0.body.3.conv_du.0.weight squeezes {nf} channels to {squeezed}: no '
                          'integer reduction gives that')
-    first = _shape(state, 'tail.0.0.weight', where, 4)[0]
-    stages = len(_indices(state, r'tail\.0\.(\d+)\.weight'))
-    if first == 9 * nf:
-        scale = 3
-    elif first == 4 * nf:
-        scale = 2**stages
-    else:
-        raise ValueError(f'{where}tail.0.0.weight has {first} output channels: expected 4 x {nf} (x2 stages) '
-                         f'or 9 x {nf} (x3)')
+    scale = _upsampler_scale(state, 'tail.0', nf, where)
     return {
         'width': nf, 'nf': nf, 'groups': groups, 'blocks': blocks, 'squeezed': squeezed, 'reduction': reduction,
         'scale': scale
