@@ -8,7 +8,8 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 PTH = 'cdnsr_plugin-autoload.pth'
-PACKAGED_OPTIONS = ['demo/train_CDNSR_FSRCNN_demo.yml']  # under options/; installed flat in cdnsr_plugin/options/
+# under options/; installed flat in cdnsr_plugin/options/
+PACKAGED_OPTIONS = ['demo/train_CDNSR_FSRCNN_oracle_demo.yml']
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -44,6 +45,7 @@ setup(
     python_requires='>=3.9',
     packages=find_packages(include=['cdnsr_plugin', 'cdnsr_plugin.*']),
     py_modules=['_cdnsr_plugin_autoload'],
+    package_data={'cdnsr_plugin.weights': ['*.pth', '*.json', '*.yml']},
     cmdclass={'build_py': BuildWithPth},
     install_requires=[
         'torch>=1.13',
@@ -70,6 +72,7 @@ setup(
             'cdnsr-test=cdnsr_plugin.test:main',
             'cdnsr-test-patches=cdnsr_plugin.tester.cli:main',
             'cdnsr-demo=cdnsr_plugin.demo:main',
+            'cdnsr-sr=cdnsr_plugin.run:main',
         ]
     },
     license='Apache-2.0',

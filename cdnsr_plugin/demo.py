@@ -1,22 +1,32 @@
 """``cdnsr-demo`` (``python -m cdnsr_plugin.demo``): from install to a routed SR result in one command.
 
-Runs the whole pipeline on photos that ship with scikit-image (nothing is downloaded):
+``cdnsr-demo`` (under a minute, nothing downloaded) super-resolves the colour photos that ship with
+scikit-image (astronaut, chelsea, coffee, rocket, hubble_deep_field, motorcycle_left; each x4-downscaled with
+MATLAB's bicubic, the original kept as ground truth) with the shipped reference model
+(``cdnsr_plugin/weights/``, ``--model``), through ``tools/test_patches.py --compare-backbone`` at the model's
+default cost knob, and prints side by side the routed result and the same model's backbone (its largest
+branch) on the whole image: PSNR (Y), executed FLOPs, wall time; then where the SR images, the class maps and
+the report are.
+
+``cdnsr-demo --train`` runs the whole training pipeline instead, on the same photos:
 
 1. photos: astronaut, chelsea, rocket, hubble_deep_field and the left motorcycle view train; ``coffee``
    is held out for testing;
 2. ``prepare``: the training photos become difficulty-classified LR/HR sub-image LMDBs
    (``tools/prepare_data.py``'s pipeline; the difficulty reference is bicubic upsampling, since no
    pretrained network can be assumed on a fresh machine);
-3. ``train``: a small CDNSR-FSRCNN through the real staged pipeline (``python -m cdnsr_plugin.train`` with
-   ``options/demo/train_CDNSR_FSRCNN_demo.yml``'s schedule: the backbone, branches pruned from it, classifier,
-   distill, finetune);
+3. ``train``: a small CDNSR-FSRCNN (branches d = 16, 36, 56) through the real staged pipeline (``python -m
+   cdnsr_plugin.train``) with this plugin's recipe (``options/demo/train_CDNSR_FSRCNN_oracle_demo.yml``,
+   docs/RESULTS.md "How the recipe was chosen"): the three branches trained together on every sub-image, then
+   the classifier alone on oracle labels (``OracleLabelLoss``: per sub-image, the branch worth its cost at
+   half the backbone's FLOPs);
 4. ``test``: ``tools/test_patches.py`` on the held-out photo with ``--compare-backbone`` and a budget
    sweep, which writes the SR image, the class map, report.json/csv and the PSNR-FLOPs plot.
 
-``--quick`` shrinks the training photos and the schedule (550 iterations instead of 2,400): 31 s instead of
-3 min 15 s on 2 CPU cores (measured 2026-11-29, README); CI runs it. Everything is written
-under ``--work`` (default ``cdnsr_demo``); a folder left by an earlier demo is replaced, any other existing
-folder is refused.
+``--train --quick`` shrinks the training photos and the schedule (550 iterations instead of 2,400; times in
+README); CI runs it (``CDNSR_DEMO_QUICK=1`` makes
+``cdnsr-demo`` run both: the shipped model, then the quick training). Everything is written under ``--work``
+(default ``cdnsr_demo``); a folder left by an earlier demo is replaced, any other existing folder is refused.
 """
 from __future__ import annotations
 
@@ -38,7 +48,7 @@ MARKER = '.cdnsr_demo'
 QUICK_ENV = 'CDNSR_DEMO_QUICK'
 TRAIN_PHOTOS = ('astronaut', 'chelsea', 'rocket', 'hubble_deep_field', 'motorcycle_left')
 HELD_OUT = 'coffee'
-DEMO_OPTIONS = 'train_CDNSR_FSRCNN_demo.yml'  # options/demo/; installed into cdnsr_plugin/options/ by setup.py
+DEMO_OPTIONS = 'train_CDNSR_FSRCNN_oracle_demo.yml'  # options/demo/; installed into cdnsr_plugin/options/ by setup.py
 SWEEP = '0.35,0.5,0.65,0.8'
 SAVED = 'budget=0.50'  # the setting whose SR image and class map are written
 
@@ -48,13 +58,12 @@ class Schedule:
     """Size of one demo run."""
 
     max_side: int  # photos are shrunk to at most this many pixels per side
-    stages: tuple[int,
-                  ...]  # iterations of the demo file's stages: backbone, pruned branches, classifier, distill, finetune
+    stages: tuple[int, int]  # iterations of the demo file's stages: all branches, then the classifier
     batch: int
 
 
-FULL = Schedule(max_side=1000, stages=(800, 400, 500, 200, 500), batch=16)
-QUICK = Schedule(max_side=320, stages=(200, 100, 100, 50, 100), batch=8)
+FULL = Schedule(max_side=1000, stages=(2000, 400), batch=16)
+QUICK = Schedule(max_side=320, stages=(450, 100), batch=8)
 
 
 def bundled_photos() -> dict[str, np.ndarray]:
@@ -106,9 +115,9 @@ def prepare_set(photos: Path, out: Path) -> dict:
 
 
 def demo_options_file() -> Path:
-    """options/demo/train_CDNSR_FSRCNN_demo.yml: in the installed package, or in the source tree."""
+    """options/demo/``DEMO_OPTIONS``: in the installed package, or in the source tree."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / 'options' / DEMO_OPTIONS, here.parent / 'options' / DEMO_OPTIONS):
+    for candidate in (here / 'options' / DEMO_OPTIONS, here.parent / 'options' / 'demo' / DEMO_OPTIONS):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f'{DEMO_OPTIONS} is neither in {here / "options"} nor in the source tree; reinstall '
@@ -183,20 +192,87 @@ def run(work: Path, schedule: Schedule) -> dict[str, Path]:
     return files
 
 
+def write_pairs(work: Path) -> tuple[Path, Path]:
+    """Every bundled photo as ground truth (cropped to a multiple of 4) and its MATLAB-bicubic x4 LR."""
+    from cdnsr_plugin.utils.image import bicubic_resize, mod_crop
+    from cdnsr_plugin.utils.io import write_image
+    hr_dir, lr_dir = work / 'photos' / 'HR', work / 'photos' / 'LR_bicubic' / 'X4'
+    for name, photo in bundled_photos().items():
+        hr = mod_crop(photo, 4)
+        write_image(hr_dir / f'{name}.png', hr)
+        write_image(lr_dir / f'{name}.png', bicubic_resize(hr, 0.25))
+    return lr_dir, hr_dir
+
+
+def comparison(report: dict) -> str:
+    """The routed result beside the backbone on the whole image (and the papers' patch-wise backbone)."""
+    rows = []
+    for kind, label in (('routed', 'routed (this model)'), ('backbone-full', 'backbone, whole image'),
+                        ('backbone-patch', "backbone, papers' tiles")):
+        setting = next(s for s in report['settings'] if s['kind'] == kind)
+        row = setting['sets'][0]
+        rows.append((label, row['psnr_y'], row['flops']['paper']['percent_of_full_image'], row['time_s']))
+    lines = [f"{'':<26}{'PSNR (Y)':>10}{'FLOPs executed':>16}{'wall time':>11}"]
+    lines += [f'{label:<26}{psnr:>7.3f} dB{flops:>15.1f}%{time:>10.2f}s' for label, psnr, flops, time in rows]
+    routed, full = rows[0], rows[1]
+    lines.append(f'routed vs whole image: {routed[1] - full[1]:+.3f} dB, {routed[2] / full[2]:.2f}x the FLOPs, '
+                 f'{routed[3] / full[3]:.2f}x the time ({report["threads"]} threads)')
+    return '\n'.join(lines)
+
+
+def run_shipped(work: Path, model: str) -> dict[str, Path]:
+    """The shipped model on the bundled photos, against its backbone on the whole image."""
+    from cdnsr_plugin import weights
+    from cdnsr_plugin.tester.cli import main as test_patches
+    began = time.perf_counter()
+    work = work.resolve()
+    start(work)
+    lr_dir, hr_dir = write_pairs(work)
+    out = work / 'results'
+    code = test_patches([
+        '--input',
+        str(lr_dir), '--gt',
+        str(hr_dir), *weights.tester_args(model), '--compare-backbone', '--name', model, '--out',
+        str(out)
+    ])
+    if code != 0:
+        raise RuntimeError(f'test_patches.py exited with status {code}; see above')
+    report = json.loads((out / 'report.json').read_text())
+    routed = next(s for s in report['settings'] if s['kind'] == 'routed')
+    first = routed['images'][0]
+    files = {
+        'SR images': Path(first['sr_path']).parent, 'class map (e.g.)': Path(first['overlay_path']),
+        'report': out / 'report.json'
+    }
+    print(f'\n=== {model}, routed by {weights.routing(model)}, on {len(routed["images"])} bundled photos (x4), '
+          f'{time.perf_counter() - began:.0f}s ===')
+    print(comparison(report))
+    for label, path in files.items():
+        print(f'{label:>20}: {path}')
+    return files
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--work', type=Path, default=Path('cdnsr_demo'), help='output folder (default cdnsr_demo)')
     parser.add_argument(
+        '--model', default=None, help='shipped model to run (default: cdnsr_plugin.weights.DEFAULT_MODEL)')
+    parser.add_argument('--train', action='store_true', help='run the training pipeline instead (minutes)')
+    parser.add_argument(
         '--quick',
         action='store_true',
-        help='small photos and a short schedule (under a minute); '
-        f'also set by {QUICK_ENV}=1, which CI uses to run README\'s first command quickly')
+        help='with --train: small photos and a short schedule (under a minute); '
+        f'{QUICK_ENV}=1 (CI) runs the shipped model, then the quick training')
     args = parser.parse_args(argv)
-    args.quick = args.quick or os.environ.get(QUICK_ENV) == '1'
+    ci = os.environ.get(QUICK_ENV) == '1'
     import cdnsr_plugin  # noqa: F401  (registers the plugin; torchvision alias before basicsr)
+    from cdnsr_plugin import weights
     try:
-        run(args.work, QUICK if args.quick else FULL)
-    except (FileExistsError, RuntimeError, subprocess.CalledProcessError) as exc:
+        if not args.train or ci:
+            run_shipped(args.work / 'shipped' if ci else args.work, args.model or weights.DEFAULT_MODEL)
+        if args.train or ci:
+            run(args.work / 'train' if ci else args.work, QUICK if args.quick or ci else FULL)
+    except (FileExistsError, RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 1
     return 0

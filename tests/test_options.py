@@ -21,9 +21,13 @@ def test_the_layout_users_type():
     """Training files where the README's commands expect them; the rest in subfolders."""
     top = {name for name in FILES if '/' not in name}
     assert 'train_CDNSR_RCAN.yml' in top and all(name.startswith('train_') for name in top)
-    assert {name.split('/')[0] for name in FILES if '/' in name} == {'demo', 'networks', 'test'}
+    assert {name.split('/')[0] for name in FILES if '/' in name} == {'demo', 'networks', 'reference', 'test'}
     folders = [name.split('/')[0] for name in FILES if '/' in name]
     assert (len(top), folders.count('networks'), folders.count('test')) == (12, 4, 8)  # 4 backbones
+    # one training file per shipped model, named after it
+    from cdnsr_plugin import weights
+    shipped = {f'reference/train_{name}.yml' for name in weights.names()}
+    assert {name for name in FILES if name.startswith('reference/')} == shipped
 
 
 @pytest.mark.parametrize('relative', FILES)

@@ -9,7 +9,9 @@ import pytest
 from basicsr.archs import build_network
 
 from cdnsr_plugin.compat import load_yaml
-from cdnsr_plugin.demo import MARKER, start
+from cdnsr_plugin.demo import MARKER
+from cdnsr_plugin.demo import QUICK_ENV as CI_ENV
+from cdnsr_plugin.demo import start
 from cdnsr_plugin.inference.costs import cost_table
 
 pytestmark = pytest.mark.slow
@@ -19,7 +21,7 @@ def test_quick_demo_runs_end_to_end_and_its_files_are_valid(tmp_path):
     work = tmp_path / 'demo'
     env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
     result = subprocess.run(
-        [sys.executable, '-m', 'cdnsr_plugin.demo', '--quick', '--work', 'demo'],  # relative
+        [sys.executable, '-m', 'cdnsr_plugin.demo', '--train', '--quick', '--work', 'demo'],  # relative
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -46,6 +48,31 @@ def test_quick_demo_runs_end_to_end_and_its_files_are_valid(tmp_path):
     assert not report['failures']
     for line in ('SR image', 'class map', 'PSNR-FLOPs plot'):
         assert line in result.stdout  # the demo tells the user where its files are
+
+
+def test_the_default_demo_runs_the_shipped_model_against_its_backbone(tmp_path):
+    """``cdnsr-demo``: the shipped model on the bundled photos, the routed result printed beside the backbone on
+    the whole image, every file it names present and valid."""
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', CI_ENV: ''}
+    result = subprocess.run([sys.executable, '-m', 'cdnsr_plugin.demo', '--work', 'demo'],
+                            cwd=tmp_path,
+                            capture_output=True,
+                            text=True,
+                            timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / 'demo' / 'results' / 'report.json').read_text())
+    rows = {s['kind']: s for s in report['settings']}
+    assert set(rows) == {'routed', 'backbone-full', 'backbone-patch'} and not report['failures']
+    routed = rows['routed']
+    assert len(routed['images']) == 6
+    for image in routed['images']:
+        sr, lr = cv2.imread(image['sr_path']), cv2.imread(
+            str(tmp_path / 'demo' / 'photos' / 'LR_bicubic' / 'X4' / f"{image['image']}.png"))
+        assert sr.shape == (4 * lr.shape[0], 4 * lr.shape[1], 3) and cv2.imread(image['overlay_path']) is not None
+    executed = routed['sets'][0]['flops']['paper']['percent_of_full_image']
+    assert executed < 100
+    assert f'{executed:.1f}%' in result.stdout and 'routed vs whole image' in result.stdout
 
 
 def test_demo_replaces_only_its_own_folder(tmp_path):

@@ -1,0 +1,97 @@
+"""``cdnsr-sr`` (``python -m cdnsr_plugin.run``): super-resolve a photo or a folder with a shipped model.
+
+    cdnsr-sr photo.png                         # results/cdnsr_carn_x4/photo/: SR image, class map, report
+    cdnsr-sr photos/ --out sr/                 # every image of the folder
+    cdnsr-sr photos/ --gt hr/ --compare-backbone   # PSNR, and the backbone on the whole image beside it
+    cdnsr-sr photos/ --budget 0.3              # the cost knob: cheaper, a little lower quality
+    cdnsr-sr --list                            # the shipped models and their measured figures
+
+No option file and no download: the model's network, weights (sha256-checked) and default cost knob come with
+the package (``cdnsr_plugin/weights/``). The run is ``tools/test_patches.py``'s (seam-free regions, every
+pixel covered, the same safety checks: ``--out`` is never an input folder, a non-empty ``--out`` needs
+``--overwrite``), so its report.json/csv and class maps are the tester's. Exit status as the tester's: 0 all
+images done, 1 some failed (listed), 2 bad options.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from cdnsr_plugin import weights
+
+
+def describe(name: str) -> str:
+    info = weights.manifest(name)
+    figures = info.get('figures', {})
+    lines = [f"{name}: {info.get('description', '')}"]
+    if figures:
+        lines.append(f"  on {figures.get('photos', 'the held-out photos')}: routed {figures['psnr_routed']:.3f} dB vs "
+                     f"{figures['psnr_backbone_full']:.3f} dB for its backbone on the whole image, "
+                     f"{figures['executed_flops_pct']:.1f}% of its FLOPs, {figures['time_ratio']:.2f}x its time")
+    return '\n'.join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='cdnsr-sr', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('input', nargs='?', type=Path, help='an image, or a folder of images (LR)')
+    p.add_argument('--model', default=weights.DEFAULT_MODEL, help='shipped model (default %(default)s; see --list)')
+    p.add_argument('--list', action='store_true', help='list the shipped models and exit')
+    p.add_argument('--out', type=Path, help='results folder, new or empty (default results/<model>/<input name>)')
+    p.add_argument(
+        '--budget',
+        type=float,
+        help="cost knob: FLOPs per cell as a fraction of the backbone's, solved per image "
+        "(default: the model's, from its manifest; none: the classifier's own decision)")
+    p.add_argument('--gt', type=Path, help='HR images named like the inputs: adds PSNR/SSIM to the report')
+    p.add_argument(
+        '--compare-backbone',
+        action='store_true',
+        help='also run the backbone on the whole image '
+        '(and patch-wise) and print quality, FLOPs and time side by side')
+    p.add_argument('--device', help='cpu, cuda or auto (default auto)')
+    p.add_argument('--threads', type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument('--overwrite', action='store_true', help="replace an earlier run's results in --out")
+    p.add_argument('--no-save-images', action='store_true', help='write the reports only')
+    return p
+
+
+def tester_args(args: argparse.Namespace) -> list[str]:
+    """The ``tools/test_patches.py`` command line this run is."""
+    out = args.out or Path('results') / args.model / (args.input.stem if args.input.is_file() else args.input.name)
+    argv = [
+        '--input',
+        str(args.input), *weights.tester_args(args.model, args.budget), '--out',
+        str(out), '--name', args.model
+    ]
+    for flag, value in (('--gt', args.gt), ('--device', args.device), ('--threads', args.threads)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag in ('compare_backbone', 'overwrite', 'no_save_images'):
+        if getattr(args, flag):
+            argv.append('--' + flag.replace('_', '-'))
+    return argv
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.list:
+            print('\n'.join(describe(name) for name in weights.names()) or 'no shipped models')
+            return 0
+        if args.input is None:
+            raise ValueError('give an image or a folder of images (cdnsr-sr photo.png), or --list')
+        if not args.input.exists():
+            raise FileNotFoundError(f'{args.input} does not exist')
+        argv_tester = tester_args(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    from cdnsr_plugin.tester.cli import main as test_patches
+    return test_patches(argv_tester)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Reference weights shipped with the package, ready to run (``cdnsr-sr --model NAME``, ``cdnsr-demo``).
+
+Each model ``NAME`` is three files in this folder:
+
+* ``NAME.pth``: a BasicSR checkpoint ``{'params': state_dict}`` of a ``CDNSRNet`` (load with
+  ``weights_only=True``);
+* ``NAME.yml``: its ``network_g`` option file (as ``options/networks/*.yml``; ``tools/test_patches.py
+  --network``);
+* ``NAME.json``: the manifest: the sha256 of the ``.pth``, the command, option file, data (and its terms),
+  iterations, date and machine that trained it, the default routing (``routing.budget``: a cost knob, or
+  ``null`` for the classifier's own decision), and its figures on the
+  held-out photos of ``../shared/data/photos`` (PSNR on Y, executed FLOPs in % of the backbone on the whole
+  image, routed / whole-image wall time) plus one figure on a scikit-image photo that the tests reproduce.
+
+``checkpoint(name)`` checks the sha256 before handing out the path, so a damaged or replaced file is named
+instead of silently producing other images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import numpy as np
+
+FOLDER = Path(__file__).resolve().parent
+DEFAULT_MODEL = 'cdnsr_carn_x4'
+
+
+def names() -> list[str]:
+    """Models shipped in this folder (those with a manifest)."""
+    return sorted(path.stem for path in FOLDER.glob('*.json'))
+
+
+def manifest(name: str) -> dict[str, Any]:
+    """The manifest of ``name``; ``ValueError`` naming the shipped models if there is none."""
+    path = FOLDER / f'{name}.json'
+    if not path.is_file():
+        raise ValueError(f'no shipped model named {name!r}; shipped: {", ".join(names()) or "none"} '
+                         '(or give your own --network and --checkpoint to tools/test_patches.py)')
+    with open(path, encoding='utf-8') as handle:
+        return json.load(handle)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint(name: str) -> Path:
+    """The weights of ``name``, after checking them against the manifest's sha256."""
+    info = manifest(name)
+    path = FOLDER / info['checkpoint']
+    if not path.is_file():
+        raise FileNotFoundError(f'{path} is missing from the installed package; reinstall it (pip install .)')
+    found = sha256(path)
+    if found != info['sha256']:
+        raise ValueError(f'{path} does not match its manifest (sha256 {found[:12]}..., expected '
+                         f'{info["sha256"][:12]}...): the file was changed or damaged; reinstall the package')
+    return path
+
+
+def network_file(name: str) -> Path:
+    """The ``network_g`` option file of ``name``."""
+    path = FOLDER / manifest(name)['network']
+    if not path.is_file():
+        raise FileNotFoundError(f'{path} is missing from the installed package; reinstall it (pip install .)')
+    return path
+
+
+def routing(name: str) -> str:
+    """How ``name`` routes by default, in words: the classifier's own decision or a cost knob."""
+    budget = manifest(name)['routing'].get('budget')
+    return "the classifier's own decision (argmax)" if budget is None else f'budget {budget:g}'
+
+
+def tester_args(name: str, budget: Optional[float] = None) -> list[str]:
+    """The ``tools/test_patches.py`` flags that run ``name`` as shipped: its network file, its sha256-checked
+    weights and its routing. ``budget`` overrides the manifest's cost knob; a manifest budget of ``null`` means
+    the classifier's own decision (argmax), which spends more FLOPs on images with more hard cells."""
+    info = manifest(name)
+    budget = info['routing'].get('budget') if budget is None else budget
+    argv = [
+        '--network',
+        str(network_file(name)), '--checkpoint',
+        str(checkpoint(name)), '--convention', info['routing'].get('convention', 'paper')
+    ]
+    return argv + ([] if budget is None else ['--budget', str(budget)])
+
+
+CHECK_PHOTO = 'astronaut'  # scikit-image ships it: tests reproduce each manifest's figure on it without ../shared
+
+
+def check_pair() -> tuple[np.ndarray, np.ndarray]:
+    """``(lr, hr)`` uint8 BGR: scikit-image's ``CHECK_PHOTO`` cropped to a multiple of 4, and its MATLAB-bicubic
+    x4 downscale (the held-out photos' degradation)."""
+    import numpy as np
+    from skimage import data
+
+    from cdnsr_plugin.utils.image import bicubic_resize, mod_crop
+    hr = mod_crop(np.ascontiguousarray(getattr(data, CHECK_PHOTO)()[..., ::-1]), 4)
+    return bicubic_resize(hr, 0.25), hr
+
+
+def write_check_pair(folder: Path) -> tuple[Path, Path]:
+    """``check_pair`` as ``folder/lr/<photo>.png`` and ``folder/hr/<photo>.png``; returns the two folders."""
+    from cdnsr_plugin.utils.io import write_image
+    lr, hr = check_pair()
+    write_image(folder / 'lr' / f'{CHECK_PHOTO}.png', lr)
+    write_image(folder / 'hr' / f'{CHECK_PHOTO}.png', hr)
+    return folder / 'lr', folder / 'hr'

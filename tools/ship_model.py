@@ -1,0 +1,175 @@
+"""Put a trained routed model into the package as a reference model, with its manifest and measured figures.
+
+    python tools/ship_model.py --name cdnsr_carn_x4 --options options/reference/train_cdnsr_carn_x4.yml \
+        --experiment experiments/cdnsr_carn_x4 \
+        --photos datasets/heldout/Testfull --threads 2
+
+Writes ``cdnsr_plugin/weights/<name>.pth`` (``{'params': ...}``, the network's weights only),
+``<name>.yml`` (its ``network_g``) and ``<name>.json`` (the manifest; see ``cdnsr_plugin.weights``), each
+atomically. The figures are measured here, by the tester (``tools/test_patches.py --compare-backbone``, the
+routed model (its classifier's own decision, or the cost knob ``--budget``) against its own largest branch on
+the whole image and on the papers' tiles):
+
+* on ``--photos`` (LR_bicubic/X4 + HR, as ``tools/make_test_sets.py`` writes them; the held-out photos of
+  ../shared/data/photos): mean PSNR (Y), executed FLOPs in % of the backbone on the whole image, and the
+  routed / whole-image time ratio (one timed run per image and setting after a warm-up, ``--threads``
+  threads; the ratio of the summed times and the median of the per-image ratios);
+* on the scikit-image photo ``weights.CHECK_PHOTO`` (``weights.check_pair``): the PSNR (Y) that
+  ``tests/test_weights.py`` reproduces.
+
+The training facts (command, options, iterations, data and its terms, date, train time) are read from the
+option file and the experiment's log. Choose the routing (argmax or a ``--budget``) on a validation split of the
+training photos, never on the held-out photos (README, "Shipped models").
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import cdnsr_plugin  # noqa: F401  (registers the archs)
+from cdnsr_plugin import weights
+from cdnsr_plugin.tester.cli import main as test_patches
+from cdnsr_plugin.utils.io import atomic_write, write_json
+from cdnsr_plugin.utils.options import load_options
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = ('../shared/data/train: 98 training photos (88 trained; every tenth name from the sixth kept out as a '
+        'validation split), rebuilt by get_train_photos.py from Kodak, Urban100, McMaster, '
+        'Wikimedia Commons and other sources; terms per photo in ../shared/data/train/SOURCES.md')
+
+
+def run_tester(argv: list[str]) -> dict:
+    out = Path(tempfile.mkdtemp(prefix='ship_model_')) / 'run'
+    code = test_patches([*argv, '--out', str(out), '--no-save-images'])
+    if code != 0:
+        raise RuntimeError(f'the tester exited with status {code}')
+    return json.loads((out / 'report.json').read_text())
+
+
+def setting(report: dict, kind: str) -> dict:
+    return next(s for s in report['settings'] if s['kind'] == kind)
+
+
+def figures(report: dict) -> dict:
+    routed, full, patch = (setting(report, kind) for kind in ('routed', 'backbone-full', 'backbone-patch'))
+    per_image = [
+        r['time_s'] / f['time_s'] for r, f in zip(routed['images'], full['images']) if r['time_s'] and f['time_s']
+    ]
+    rows = [s['sets'][0] for s in (routed, full, patch)]
+    return {
+        'psnr_routed': rows[0]['psnr_y'], 'psnr_backbone_full': rows[1]['psnr_y'],
+        'psnr_backbone_patch': rows[2]['psnr_y'], 'ssim_routed': rows[0]['ssim_y'],
+        'ssim_backbone_full': rows[1]['ssim_y'],
+        'executed_flops_pct': rows[0]['flops']['paper']['percent_of_full_image'],
+        'executed_macs_pct': rows[0]['flops']['macs']['percent_of_full_image'], 'class_counts': rows[0]['counts'],
+        'time_routed_s': rows[0]['time_s'], 'time_backbone_full_s': rows[1]['time_s'],
+        'time_ratio': rows[0]['time_s'] / rows[1]['time_s'],
+        'time_ratio_median_per_image': statistics.median(per_image), 'images': rows[0]['images']
+    }
+
+
+def training_facts(options: Path, experiment: Path) -> dict:
+    opt = load_options(options)
+    logs = sorted(experiment.glob('train_*.log'))
+    facts = {
+        'command': f'python -m cdnsr_plugin.train -opt {options}', 'options': str(options), 'data': DATA,
+        'iterations': opt['train']['total_iter'], 'stages': opt['train'].get('stages')
+    }
+    if logs:
+        text = logs[-1].read_text(errors='replace')
+        stamps = re.findall(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)', text, flags=re.M)
+        if stamps:
+            began, ended = (datetime.datetime.strptime(s, '%Y-%m-%d %H:%M:%S') for s in (stamps[0], stamps[-1]))
+            facts.update(date=stamps[-1][:10], train_time_s=(ended - began).total_seconds())
+    return facts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--name', required=True)
+    parser.add_argument('--options', type=Path, required=True, help='the training option file')
+    parser.add_argument('--experiment', type=Path, required=True, help='experiments/<name> of that training')
+    parser.add_argument(
+        '--budget',
+        type=float,
+        help="default cost knob, chosen on validation (default: none, the classifier's own decision)")
+    parser.add_argument('--photos', type=Path, required=True, help='test set with HR/ and LR_bicubic/X4/')
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--description', default='')
+    parser.add_argument('--why', default='', help='why this backbone and recipe (kept in the manifest)')
+    parser.add_argument(
+        '--into',
+        type=Path,
+        default=REPO / 'cdnsr_plugin' / 'weights',
+        help='folder of the shipped models (default: this checkout\'s cdnsr_plugin/weights, not the installed copy; '
+        'pip install . then ships them)')
+    args = parser.parse_args(argv)
+
+    opt = load_options(args.options)
+    state = torch.load(args.experiment / 'models' / 'net_g_latest.pth', map_location='cpu', weights_only=True)
+    params = state.get('params', state)
+    folder = args.into
+    pth, yml = folder / f'{args.name}.pth', folder / f'{args.name}.yml'
+    with tempfile.TemporaryFile() as handle:
+        torch.save({'params': params}, handle)
+        handle.seek(0)
+        atomic_write(pth, handle.read())
+    network = {'name': args.name, 'scale': opt['scale'], 'network_g': opt['network_g']}
+    import yaml
+    atomic_write(yml, yaml.safe_dump(network, sort_keys=False).encode('utf-8'))
+    common = ['--network', str(yml), '--checkpoint', str(pth), '--threads', str(args.threads), '--compare-backbone']
+    if args.budget is not None:
+        common += ['--budget', str(args.budget)]
+    held_out = figures(
+        run_tester([
+            '--input',
+            str(args.photos / 'LR_bicubic' / 'X4'), '--gt',
+            str(args.photos / 'HR'), '--name', 'heldout', *common
+        ]))
+    check_dir = Path(tempfile.mkdtemp(prefix='ship_check_'))
+    lr_dir, hr_dir = weights.write_check_pair(check_dir)
+    check = figures(run_tester(['--input', str(lr_dir), '--gt', str(hr_dir), '--name', 'check', *common]))
+    today = datetime.date.today().isoformat()
+    manifest = {
+        'name': args.name,
+        'description': args.description,
+        'why': args.why,
+        'network': yml.name,
+        'checkpoint': pth.name,
+        'sha256': weights.sha256(pth),
+        'scale': opt['scale'],
+        'routing': {'budget': args.budget, 'convention': 'paper'},
+        'training': training_facts(args.options, args.experiment),
+        'figures': {
+            'photos': f'{args.photos} (the 12 held-out photos of ../shared/data/photos, MATLAB-bicubic x4 LR)',
+            **held_out, 'threads': args.threads, 'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, '
+            f'torch {torch.__version__}', 'date': today,
+            'command': shlex.join(['python', 'tools/ship_model.py', *(sys.argv[1:] if argv is None else argv)])
+        },
+        'check': {
+            'photo': f'scikit-image {weights.CHECK_PHOTO}, mod-4 crop, MATLAB-bicubic x4 LR (weights.check_pair)',
+            'psnr_y_routed': check['psnr_routed'], 'psnr_y_backbone_full': check['psnr_backbone_full']
+        },
+    }
+    write_json(folder / f'{args.name}.json', manifest)
+    f = held_out
+    print(f"{args.name}: routed {f['psnr_routed']:.3f} dB vs backbone whole image {f['psnr_backbone_full']:.3f} dB "
+          f"({f['psnr_routed'] - f['psnr_backbone_full']:+.3f}), executed FLOPs {f['executed_flops_pct']:.1f}%, "
+          f"time ratio {f['time_ratio']:.2f} (median per image {f['time_ratio_median_per_image']:.2f}); "
+          f"check photo {check['psnr_routed']:.3f} dB")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
