@@ -27,7 +27,8 @@ def describe(name: str) -> str:
     figures = info.get('figures', {})
     lines = [f"{name}: {info.get('description', '')}"]
     if figures:
-        lines.append(f"  on {figures.get('photos', 'the held-out photos')}: routed {figures['psnr_routed']:.3f} dB vs "
+        photos = figures.get('photos', 'the held-out photos')
+        lines.append(f"  on {photos}: routed {figures['psnr_routed']:.3f} dB (Y) vs "
                      f"{figures['psnr_backbone_full']:.3f} dB for its backbone on the whole image, "
                      f"{figures['executed_flops_pct']:.1f}% of its FLOPs, {figures['time_ratio']:.2f}x its time")
     return '\n'.join(lines)
