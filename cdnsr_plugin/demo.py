@@ -268,6 +268,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import cdnsr_plugin  # noqa: F401  (registers the plugin; torchvision alias before basicsr)
     from cdnsr_plugin import weights
     try:
+        if ci:  # both runs go below one folder, which is the demo's too
+            start(args.work)
         if not args.train or ci:
             run_shipped(args.work / 'shipped' if ci else args.work, args.model or weights.DEFAULT_MODEL)
         if args.train or ci:

@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
 
 def tester_args(args: argparse.Namespace) -> list[str]:
     """The ``tools/test_patches.py`` command line this run is."""
-    out = args.out or Path('results') / args.model / (args.input.stem if args.input.is_file() else args.input.name)
+    source = args.input.resolve()
+    out = args.out or Path('results') / args.model / (source.stem if source.is_file() else source.name)
     argv = [
         '--input',
         str(args.input), *weights.tester_args(args.model, args.budget), '--out',

@@ -48,7 +48,7 @@ def test_the_manifest_psnr_is_reproduced_on_the_check_photo(name, tmp_path):
     assert abs(psnr['backbone-full'] - info['check']['psnr_y_backbone_full']) <= 0.01
 
 
-def test_a_damaged_weight_file_is_named(tmp_path, monkeypatch):
+def test_a_damaged_weight_file_is_named(tmp_path, monkeypatch, capsys):
     folder = tmp_path / 'weights'
     shutil.copytree(weights.FOLDER, folder, ignore=shutil.ignore_patterns('__pycache__', '*.py'))
     target = folder / weights.manifest(weights.DEFAULT_MODEL)['checkpoint']
@@ -59,7 +59,10 @@ def test_a_damaged_weight_file_is_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=f'{target.name} does not match its manifest'):
         weights.checkpoint(weights.DEFAULT_MODEL)
     assert cdnsr_sr(['--list']) == 0  # listing reads manifests only
-    assert cdnsr_sr([str(tmp_path), '--out', str(tmp_path / 'o')]) == 2
+    lr, _ = weights.write_check_pair(tmp_path / 'pair')
+    capsys.readouterr()
+    assert cdnsr_sr([str(lr), '--out', str(tmp_path / 'o')]) == 2
+    assert 'does not match its manifest' in capsys.readouterr().err and not (tmp_path / 'o').exists()
 
 
 def test_cdnsr_sr_super_resolves_one_photo_with_the_shipped_model(tmp_path, capsys):

@@ -50,11 +50,12 @@ DATA = ('../shared/data/train: 98 training photos (88 trained; every tenth name 
 
 
 def run_tester(argv: list[str]) -> dict:
-    out = Path(tempfile.mkdtemp(prefix='ship_model_')) / 'run'
-    code = test_patches([*argv, '--out', str(out), '--no-save-images'])
-    if code != 0:
-        raise RuntimeError(f'the tester exited with status {code}')
-    return json.loads((out / 'report.json').read_text())
+    with tempfile.TemporaryDirectory(prefix='ship_model_') as scratch:
+        out = Path(scratch) / 'run'
+        code = test_patches([*argv, '--out', str(out), '--no-save-images'])
+        if code != 0:
+            raise RuntimeError(f'the tester exited with status {code}')
+        return json.loads((out / 'report.json').read_text())
 
 
 def setting(report: dict, kind: str) -> dict:
@@ -120,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     state = torch.load(args.experiment / 'models' / 'net_g_latest.pth', map_location='cpu', weights_only=True)
     params = state.get('params', state)
     folder = args.into
-    pth, yml = folder / f'{args.name}.pth', folder / f'{args.name}.yml'
+    # everything is written and measured in a staging folder beside the shipped models and moved in only when
+    # both measurements succeeded: a failed run leaves the shipped model as it was
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f'.{args.name}.staging.'))
+    pth, yml = staging / f'{args.name}.pth', staging / f'{args.name}.yml'
     with tempfile.TemporaryFile() as handle:
         torch.save({'params': params}, handle)
         handle.seek(0)
@@ -137,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             str(args.photos / 'LR_bicubic' / 'X4'), '--gt',
             str(args.photos / 'HR'), '--name', 'heldout', *common
         ]))
-    check_dir = Path(tempfile.mkdtemp(prefix='ship_check_'))
-    lr_dir, hr_dir = weights.write_check_pair(check_dir)
-    check = figures(run_tester(['--input', str(lr_dir), '--gt', str(hr_dir), '--name', 'check', *common]))
+    with tempfile.TemporaryDirectory(prefix='ship_check_') as check_dir:
+        lr_dir, hr_dir = weights.write_check_pair(Path(check_dir))
+        check = figures(run_tester(['--input', str(lr_dir), '--gt', str(hr_dir), '--name', 'check', *common]))
     today = datetime.date.today().isoformat()
     manifest = {
         'name': args.name,
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         'routing': {'budget': args.budget, 'convention': 'paper'},
         'training': training_facts(args.options, args.experiment),
         'figures': {
-            'photos': f'{args.photos} (the 12 held-out photos of ../shared/data/photos, MATLAB-bicubic x4 LR)',
+            'photos': f'{args.photos} ({held_out["images"]} photos, MATLAB-bicubic x4 LR)',
             **held_out, 'threads': args.threads, 'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, '
             f'torch {torch.__version__}', 'date': today,
             'command': shlex.join(['python', 'tools/ship_model.py', *(sys.argv[1:] if argv is None else argv)])
@@ -162,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             'psnr_y_routed': check['psnr_routed'], 'psnr_y_backbone_full': check['psnr_backbone_full']
         },
     }
-    write_json(folder / f'{args.name}.json', manifest)
+    write_json(staging / f'{args.name}.json', manifest)
+    for path in (pth, yml, staging / f'{args.name}.json'):
+        os.replace(path, folder / path.name)
+    staging.rmdir()
     f = held_out
     print(f"{args.name}: routed {f['psnr_routed']:.3f} dB vs backbone whole image {f['psnr_backbone_full']:.3f} dB "
           f"({f['psnr_routed'] - f['psnr_backbone_full']:+.3f}), executed FLOPs {f['executed_flops_pct']:.1f}%, "

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_quick_demo_runs_end_to_end_and_its_files_are_valid(tmp_path):
     work = tmp_path / 'demo'
-    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', CI_ENV: ''}
     result = subprocess.run(
         [sys.executable, '-m', 'cdnsr_plugin.demo', '--train', '--quick', '--work', 'demo'],  # relative
         cwd=tmp_path,
