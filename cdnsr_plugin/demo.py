@@ -3,10 +3,10 @@
 ``cdnsr-demo`` (under a minute, nothing downloaded) super-resolves the colour photos that ship with
 scikit-image (astronaut, chelsea, coffee, rocket, hubble_deep_field, motorcycle_left; each x4-downscaled with
 MATLAB's bicubic, the original kept as ground truth) with the shipped reference model
-(``cdnsr_plugin/weights/``, ``--model``), through ``tools/test_patches.py --compare-backbone`` at the model's
-default cost knob, and prints side by side the routed result and the same model's backbone (its largest
-branch) on the whole image: PSNR (Y), executed FLOPs, wall time; then where the SR images, the class maps and
-the report are.
+(``cdnsr_plugin/weights/``, ``--model``), through ``tools/test_patches.py --compare-backbone`` with the model's
+default routing (its manifest's; ``cdnsr_carn_x4``: the classifier's own decision), and prints side by side
+the routed result and the same model's backbone (its largest branch) on the whole image: PSNR (Y), executed
+FLOPs, wall time; then where the SR images, the class maps and the report are.
 
 ``cdnsr-demo --train`` runs the whole training pipeline instead, on the same photos:
 
