@@ -3,10 +3,11 @@
     cdnsr-sr photo.png                         # results/cdnsr_carn_x4/photo/: SR image, class map, report
     cdnsr-sr photos/ --out sr/                 # every image of the folder
     cdnsr-sr photos/ --gt hr/ --compare-backbone   # PSNR, and the backbone on the whole image beside it
-    cdnsr-sr photos/ --budget 0.3              # the cost knob: cheaper, a little lower quality
+    cdnsr-sr photos/ --set-budget 0.4          # the cost knob over the folder: cheaper, a little lower quality
+    cdnsr-sr photos/ --argmax                  # the classifier's own decision instead of the model's routing
     cdnsr-sr --list                            # the shipped models and their measured figures
 
-No option file and no download: the model's network, weights (sha256-checked) and default cost knob come with
+No option file and no download: the model's network, weights (sha256-checked) and default routing come with
 the package (``cdnsr_plugin/weights/``). The run is ``tools/test_patches.py``'s (seam-free regions, every
 pixel covered, the same safety checks: ``--out`` is never an input folder, a non-empty ``--out`` needs
 ``--overwrite``), so its report.json/csv and class maps are the tester's. Exit status as the tester's: 0 all
@@ -25,7 +26,7 @@ from cdnsr_plugin import weights
 def describe(name: str) -> str:
     info = weights.manifest(name)
     figures = info.get('figures', {})
-    lines = [f"{name}: {info.get('description', '')}"]
+    lines = [f"{name}: {info.get('description', '')}", f'  routing: {weights.routing(name)}']
     if figures:
         photos = figures.get('photos', 'the held-out photos')
         lines.append(f"  on {photos}: routed {figures['psnr_routed']:.3f} dB (Y) vs "
@@ -41,11 +42,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--model', default=weights.DEFAULT_MODEL, help='shipped model (default %(default)s; see --list)')
     p.add_argument('--list', action='store_true', help='list the shipped models and exit')
     p.add_argument('--out', type=Path, help='results folder, new or empty (default results/<model>/<input name>)')
-    p.add_argument(
-        '--budget',
+    knob = p.add_mutually_exclusive_group()
+    knob.add_argument(
+        '--set-budget',
         type=float,
-        help="cost knob: FLOPs per cell as a fraction of the backbone's, solved per image "
-        "(default: the model's, from its manifest; none: the classifier's own decision)")
+        help="FLOPs over the whole folder as a fraction of the backbone's on the whole images, spent where the "
+        "classifier sees most need (default: the model's routing, from its manifest; see --list)")
+    knob.add_argument(
+        '--budget', type=float, help="FLOPs per cell as a fraction of the backbone's, met on every image alone")
+    knob.add_argument('--argmax', action='store_true', help="the classifier's own decision, no cost target")
     p.add_argument('--gt', type=Path, help='HR images named like the inputs: adds PSNR/SSIM to the report')
     p.add_argument(
         '--compare-backbone',
@@ -65,7 +70,7 @@ def tester_args(args: argparse.Namespace) -> list[str]:
     out = args.out or Path('results') / args.model / (source.stem if source.is_file() else source.name)
     argv = [
         '--input',
-        str(args.input), *weights.tester_args(args.model, args.budget), '--out',
+        str(args.input), *weights.tester_args(args.model, args.budget, args.set_budget, args.argmax), '--out',
         str(out), '--name', args.model
     ]
     for flag, value in (('--gt', args.gt), ('--device', args.device), ('--threads', args.threads)):

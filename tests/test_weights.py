@@ -78,3 +78,25 @@ def test_cdnsr_sr_super_resolves_one_photo_with_the_shipped_model(tmp_path, caps
     assert cdnsr_sr([str(tmp_path / 'missing.png')]) == 2
     assert cdnsr_sr([str(photo), '--model', 'no_such_model']) == 2
     assert 'no shipped model named' in capsys.readouterr().err
+
+
+def test_cdnsr_sr_routes_as_the_manifest_says_unless_told_otherwise(tmp_path):
+    lr, _ = weights.write_check_pair(tmp_path / 'pair')
+    routing = weights.manifest(weights.DEFAULT_MODEL)['routing']
+    default = 'argmax'
+    if routing.get('set_budget') is not None:
+        default = f"set-budget={routing['set_budget']:g}"
+    elif routing.get('budget') is not None:
+        default = f"budget={routing['budget']:.2f}"
+    spent = {}
+    for i, (extra, expected) in enumerate([([], default), (['--argmax'], 'argmax'),
+                                           (['--set-budget', '0.4'], 'set-budget=0.4'),
+                                           (['--budget', '0.5'], 'budget=0.50')]):
+        out = tmp_path / f'run{i}'
+        assert cdnsr_sr([str(lr), '--out', str(out), '--no-save-images', *extra]) == 0
+        routed = json.loads((out / 'report.json').read_text())['settings'][0]
+        assert routed['name'] == expected
+        spent[expected] = routed['sets'][0]['flops']['paper']['percent_of_full_image']
+    assert spent['set-budget=0.4'] <= 40.0 < spent['argmax']
+    with pytest.raises(SystemExit):
+        cdnsr_sr([str(lr), '--argmax', '--budget', '0.5'])

@@ -7,7 +7,8 @@
 Writes ``cdnsr_plugin/weights/<name>.pth`` (``{'params': ...}``, the network's weights only),
 ``<name>.yml`` (its ``network_g``) and ``<name>.json`` (the manifest; see ``cdnsr_plugin.weights``), each
 atomically. The figures are measured here, by the tester (``tools/test_patches.py --compare-backbone``, the
-routed model (its classifier's own decision, or the cost knob ``--budget``) against its own largest branch on
+routed model (its classifier's own decision, or a cost knob: ``--set-budget`` over the photos, ``--budget`` per
+image) against its own largest branch on
 the whole image and on the papers' tiles):
 
 * on ``--photos`` (LR_bicubic/X4 + HR, as ``tools/make_test_sets.py`` writes them; the held-out photos of
@@ -18,8 +19,8 @@ the whole image and on the papers' tiles):
   ``tests/test_weights.py`` reproduces.
 
 The training facts (command, options, iterations, data and its terms, date, train time) are read from the
-option file and the experiment's log. Choose the routing (argmax or a ``--budget``) on a validation split of the
-training photos, never on the held-out photos (README, "Shipped models").
+option file and the experiment's log. Choose the routing (argmax, ``--set-budget`` or ``--budget``) on a
+validation split of the training photos, never on the held-out photos (README, "Shipped models").
 """
 from __future__ import annotations
 
@@ -101,10 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--name', required=True)
     parser.add_argument('--options', type=Path, required=True, help='the training option file')
     parser.add_argument('--experiment', type=Path, required=True, help='experiments/<name> of that training')
-    parser.add_argument(
+    knob = parser.add_mutually_exclusive_group()
+    knob.add_argument(
+        '--set-budget',
+        type=float,
+        help="default routing: FLOPs over a folder as a fraction of the backbone's on the whole images (the "
+        "tester's --set-budget), chosen on validation")
+    knob.add_argument(
         '--budget',
         type=float,
-        help="default cost knob, chosen on validation (default: none, the classifier's own decision)")
+        help="default routing: FLOPs per cell, met per image (default: neither, the classifier's own decision)")
     parser.add_argument('--photos', type=Path, required=True, help='test set with HR/ and LR_bicubic/X4/')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--description', default='')
@@ -135,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     common = ['--network', str(yml), '--checkpoint', str(pth), '--threads', str(args.threads), '--compare-backbone']
     if args.budget is not None:
         common += ['--budget', str(args.budget)]
+    if args.set_budget is not None:
+        common += ['--set-budget', str(args.set_budget)]
     held_out = figures(
         run_tester([
             '--input',
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         'checkpoint': pth.name,
         'sha256': weights.sha256(pth),
         'scale': opt['scale'],
-        'routing': {'budget': args.budget, 'convention': 'paper'},
+        'routing': {'budget': args.budget, 'set_budget': args.set_budget, 'convention': 'paper'},
         'training': training_facts(args.options, args.experiment),
         'figures': {
             'photos': f'{args.photos} ({held_out["images"]} photos, MATLAB-bicubic x4 LR)',

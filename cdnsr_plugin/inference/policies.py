@@ -6,7 +6,9 @@ test image costs is then whatever the classifier decides. Beyond that argmax (``
 * **Cost-aware routing** (as ARM and PCSR offer, neither paper does): the label of a patch is
   ``argmax_j(log_softmax(logits)_j - eta * cost_j / max(cost))``. ``eta = 0`` is the plain argmax;
   a larger ``eta`` moves patches to cheaper branches. :func:`solve_budget` finds the ``eta`` that
-  makes the mean per-patch cost of an image (as a fraction of the largest branch) meet a budget.
+  makes the mean per-patch cost of an image (as a fraction of the largest branch) meet a budget;
+  :func:`solve_shared_eta` finds one ``eta`` for many images that meets a budget over them all (the tester's
+  ``--set-budget``), so that the images that need the larger branches most get them.
 * **Forced mixes** (:func:`forced_mix_labels`): prescribed class proportions by score rank, so that engine
   speed can be measured apart from how well a classifier was trained (``tools/benchmark.py``).
 
@@ -274,6 +276,62 @@ def _split_ties(evaluator: _BudgetEvaluator, eta: float, budget: float, eps: flo
     labels = below.clone()
     labels[changed[:count]] = above[changed[:count]]
     return labels
+
+
+@dataclass(frozen=True)
+class SharedEta:
+    """Result of :func:`solve_shared_eta`: the ``eta`` and the cost fraction it gives."""
+
+    eta: float
+    fraction: float
+    budget: float
+
+
+def solve_shared_eta(fraction_at: Callable[[float], float], budget: float, iterations: int = 32) -> SharedEta:
+    """The ``eta`` at which a routing's cost, ``fraction_at(eta)``, is largest without exceeding ``budget``.
+
+    ``fraction_at`` routes every tile of every image with ``cost_aware_labels(logits, costs, eta)`` and returns
+    the total cost as a fraction of a reference (e.g. the backbone on the whole images); as in
+    :func:`solve_budget` each tile's cost never rises with ``eta``. The bracket around ``eta = 0`` (argmax) is
+    doubled until it holds the budget, then bisected ``iterations`` times; the returned ``eta`` is the bracket's
+    side at or under the budget (a budget between two steps of the cost is met from below). Where even the
+    most expensive routing fits the budget, that routing is returned; where even the cheapest exceeds it, the
+    cheapest, with a warning.
+
+    Examples:
+        >>> logits = torch.tensor([[0.0, 1.0], [0.0, 3.0]])   # two tiles, the second surer of class 1
+        >>> cost = lambda eta: routed_fraction(cost_aware_labels(logits, [0.5, 1.0], eta), [0.5, 1.0], 1.0)
+        >>> sol = solve_shared_eta(cost, 0.8)
+        >>> cost_aware_labels(logits, [0.5, 1.0], sol.eta).tolist(), sol.fraction
+        ([0, 1], 0.75)
+    """
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f'budget must be a positive finite fraction, got {budget}')
+    if fraction_at(0.0) > budget:  # argmax costs too much: search eta > 0 (cheaper)
+        low, high = 0.0, 1.0
+        for _ in range(_MAX_DOUBLINGS):
+            if fraction_at(high) <= budget:
+                break
+            low, high = high, high * 2.0
+        else:
+            warnings.warn(
+                f'budget {budget:g} is below the cheapest routing ({fraction_at(high):g}); routing so', stacklevel=2)
+            return SharedEta(high, fraction_at(high), budget)
+    else:  # argmax fits: search eta < 0 (more expensive) for the most that fits
+        low, high = -1.0, 0.0
+        for _ in range(_MAX_DOUBLINGS):
+            if fraction_at(low) > budget:
+                break
+            low, high = low * 2.0, low
+        else:
+            return SharedEta(low, fraction_at(low), budget)  # even the most expensive routing fits
+    for _ in range(iterations):  # invariant: fraction_at(low) > budget >= fraction_at(high)
+        middle = (low + high) / 2.0
+        if fraction_at(middle) > budget:
+            low = middle
+        else:
+            high = middle
+    return SharedEta(high, fraction_at(high), budget)
 
 
 def check_scores(scores: Tensor, name: str = 'scores') -> Tensor:

@@ -4,7 +4,7 @@ Option-file mode reads BasicSR's test option layout (``datasets.test_*.dataroot_
 ``network_g``, ``path.pretrain_network_g``/``param_key_g``/``strict_load_g``, ``val``), so one file
 serves both ``python tools/test_patches.py -opt X`` and BasicSR's own ``basicsr/test.py``. The
 tester's extra keys live under ``val`` (``patch``, ``stride``, ``max_batch``, ``router``,
-``router_file``, ``eta``, ``budget``, ``sweep``, ``compare_backbone``); a command-line flag overrides
+``router_file``, ``eta``, ``budget``, ``set_budget``, ``sweep``, ``compare_backbone``); a command-line flag overrides
 the file.
 
 Direct mode: ``--input LR_DIR [--gt HR_DIR] --checkpoint CKPT --scale 4``. The network comes from
@@ -47,12 +47,18 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class Setting:
-    """One routing decision rule applied to every image."""
+    """One routing decision rule applied to every image.
+
+    ``budget`` is met per image (``policies.solve_budget``: FLOPs per tile, a fraction of the largest branch's);
+    ``set_budget`` over each test set as a whole (``tester.set_budget``: FLOPs that run, a fraction of the
+    backbone's on the whole images), one ``eta`` for all its images.
+    """
 
     name: str
     kind: str = 'routed'  # routed | backbone-full | backbone-patch
     eta: Optional[float] = None
     budget: Optional[float] = None
+    set_budget: Optional[float] = None
 
 
 @dataclass
@@ -165,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         help='FLOPs per patch as a fraction of the largest branch, '
         'e.g. 0.5; eta is solved per image')
     knob.add_argument(
+        '--set-budget',
+        type=float,
+        help='FLOPs that run on the whole set (folder) as a fraction of the backbone on its whole images, e.g. '
+        '0.57; one eta for all images, solved after classifying them all, so harder images get more')
+    knob.add_argument(
         '--sweep',
         nargs='?',
         const=','.join(map(str, DEFAULT_SWEEP)),
@@ -249,13 +260,14 @@ def find_experiment_options(checkpoint: Path) -> Path:
 def _settings(args: argparse.Namespace, val: dict, router: str) -> list[Setting]:
     eta = _pick(args.eta, val.get('eta'), None)
     budget = _pick(args.budget, val.get('budget'), None)
+    set_budget = _pick(getattr(args, 'set_budget', None), val.get('set_budget'), None)
     sweep = _pick(args.sweep, val.get('sweep'), None)
-    if sum(v is not None for v in (eta, budget, sweep)) > 1:
-        raise ValueError('choose one of eta, budget and sweep (flags or val keys)')
+    if sum(v is not None for v in (eta, budget, set_budget, sweep)) > 1:
+        raise ValueError('choose one of eta, budget, set_budget and sweep (flags or val keys)')
     if router == 'laplacian':
-        if any(v is not None for v in (eta, budget, sweep)):
-            raise ValueError('--eta/--budget/--sweep trade the learned classifier\'s probabilities against cost; '
-                             'the Laplacian router has none: drop them or use --router classifier')
+        if any(v is not None for v in (eta, budget, set_budget, sweep)):
+            raise ValueError('--eta/--budget/--set-budget/--sweep trade the learned classifier\'s probabilities '
+                             'against cost; the Laplacian router has none: drop them or use --router classifier')
         settings = [Setting('laplacian')]
     elif sweep is not None:
         budgets = _parse_budgets(sweep)
@@ -264,6 +276,11 @@ def _settings(args: argparse.Namespace, val: dict, router: str) -> list[Setting]
         if not 0 < float(budget) <= 1.5:
             raise ValueError(f'budget must be a fraction of the largest branch\'s cost such as 0.5, got {budget}')
         settings = [Setting(f'budget={float(budget):.2f}', budget=float(budget))]
+    elif set_budget is not None:
+        if isinstance(set_budget, bool) or not isinstance(set_budget, (int, float)) or not 0 < set_budget <= 1.5:
+            raise ValueError('set_budget must be a fraction of the backbone\'s FLOPs on the whole images such as '
+                             f'0.57, got {set_budget!r}')
+        settings = [Setting(f'set-budget={float(set_budget):g}', set_budget=float(set_budget))]
     elif eta is not None:
         if not math.isfinite(float(eta)):
             raise ValueError(f'eta must be a finite number (0 = the classifier\'s argmax), got {eta}')

@@ -1,11 +1,18 @@
 """Run a ``TestConfig``: every image of every set under every routing setting, then the reports.
 
 Steps per image (each a function below): read LR (and GT, checked to be exactly ``scale`` x LR) ->
-classify every tile once -> per setting: decide classes (argmax / eta / budget / Laplacian router /
-backbone), render, time it, score it (BasicSR's PSNR/SSIM, RGB and Y, ``crop_border = scale``),
+classify every tile once -> per setting: decide classes (argmax / eta / budget / set budget / Laplacian
+router / backbone), render, time it, score it (BasicSR's PSNR/SSIM, RGB and Y, ``crop_border = scale``),
 count its FLOPs -> write the SR image and class map of the first setting. A file that cannot be used
 is recorded in ``failures`` with the reason and the run goes on; the exit status is non-zero if any
 image failed.
+
+Set budget (``--set-budget B``). Before a set's images run, every image is classified (timed, and its logits
+kept for the image's run, so no image is classified twice); one ``eta`` is solved (``policies.solve_shared_eta``)
+at which the FLOPs the routed run executes on all the set's images (as the record counts them: regions with
+halos and promotions, classifier included) are at most ``B`` x the backbone's on the whole images. Each
+image's routed time includes its classification and its share of the solve. An image that fails to load in
+that pass is left out of the budget and reported when its turn comes.
 
 Tiling. The default, ``--tiling regions``: routed settings classify non-overlapping 32x32 cells and run
 rectangles of cells with real context (``inference.regions``); ``backbone patch-wise`` stays the papers'
@@ -36,7 +43,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -49,8 +56,8 @@ from cdnsr_plugin.deploy.onnx_runtime import load_exported, require_onnxruntime
 from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table, executed_cost, full_image_cost
 from cdnsr_plugin.inference.engine import RoutedEngine
 from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, LaplacianRouter
-from cdnsr_plugin.inference.policies import cost_aware_labels, solve_budget
-from cdnsr_plugin.inference.regions import Plan
+from cdnsr_plugin.inference.policies import SharedEta, cost_aware_labels, solve_budget, solve_shared_eta
+from cdnsr_plugin.inference.regions import Plan, plan_regions
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.config import ONNXRUNTIME, DatasetSpec, Setting, TestConfig
 from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, SettingResult
@@ -171,13 +178,25 @@ def load_pair(path: Path, gt_path: Optional[Path], scale: int, has_gt: bool) -> 
 
 
 # ---------------------------------------------------------------------- per setting
-def decide(setting: Setting, logits: Optional[torch.Tensor], router_labels: Optional[torch.Tensor], n: int,
-           table: CostTable, convention: str, num_classes: int) -> tuple[torch.Tensor, Optional[float]]:
-    """Class of every tile under ``setting`` and the eta used (None where eta does not apply)."""
+def decide(setting: Setting,
+           logits: Optional[torch.Tensor],
+           router_labels: Optional[torch.Tensor],
+           n: int,
+           table: CostTable,
+           convention: str,
+           num_classes: int,
+           shared: Optional[SharedEta] = None) -> tuple[torch.Tensor, Optional[float]]:
+    """Class of every tile under ``setting`` and the eta used (None where eta does not apply); ``shared``: the
+    eta solved for the set (``setting.set_budget``)."""
     if setting.kind != 'routed':
         return torch.full((n, ), num_classes - 1, dtype=torch.long), None
     if router_labels is not None:
         return router_labels, None
+    if setting.set_budget is not None:
+        if shared is None:
+            raise ValueError(f'setting {setting.name!r}: no eta was solved for this set')
+        costs = [branch.value(convention) for branch in table.branches]
+        return cost_aware_labels(logits, costs, shared.eta), float(shared.eta)
     if setting.budget is not None:
         solution = solve_budget(logits, table.per_class(convention), table.largest(convention), setting.budget)
         return solution.labels, float(solution.eta)
@@ -279,6 +298,8 @@ class Runner:
         self.results = [SettingResult(s.name, s.kind) for s in cfg.settings]
         self.failures: list[Failure] = []
         self.notes: list[dict] = []
+        self.classified: dict[Path, tuple[torch.Tensor, float]] = {}  # set budget: logits, seconds per image
+        self.shared: dict[str, SharedEta] = {}  # set budget: the eta of each setting for the current set
 
     def run(self) -> Report:
         self.warm_up()
@@ -305,6 +326,7 @@ class Runner:
             self.failures.append(Failure(str(spec.lq), f'{type(exc).__name__}: {exc}'))
             return
         self.failures.extend(Failure(path, reason) for path, reason in skipped.items)
+        self.solve_set_budgets(spec, paths)
         for path in tqdm(paths, desc=f'{spec.name}', unit='image', file=sys.stderr):
             try:
                 pair = load_pair(path, gts.get(path.stem), self.engine.scale, spec.gt is not None)
@@ -325,18 +347,22 @@ class Runner:
             raise ImageFailure(str(exc)) from None
         lr = pair.lr.to(self.device)
         grid = self.engine.grid(lr)
-        with measure(self.device) as routing_time:
-            logits, router_labels = None, None
-            if self.router is not None:
-                router_labels = self.engine.map_tiles(lr, lambda t: self.router(t.float()).cpu(), grid)
-            elif any(s.kind == 'routed' for s in self.cfg.settings):
-                logits, _ = self.engine.classify(lr, grid)
+        logits, router_labels = None, None
+        if pair.path in self.classified:  # classified for the set budget: not again
+            logits, routing_seconds = self.classified.pop(pair.path)
+        else:
+            with measure(self.device) as routing_time:
+                if self.router is not None:
+                    router_labels = self.engine.map_tiles(lr, lambda t: self.router(t.float()).cpu(), grid)
+                elif any(s.kind == 'routed' for s in self.cfg.settings):
+                    logits, _ = self.engine.classify(lr, grid)
+            routing_seconds = routing_time.seconds
         records = []  # kept only if every setting succeeds, so all settings compare the same images
         for setting in self.cfg.settings:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
                 labels, eta = decide(setting, logits, router_labels, len(grid), self.table, self.cfg.convention,
-                                     self.engine.num_classes)
+                                     self.engine.num_classes, self.shared.get(setting.name))
             for warning in caught:
                 self.note(pair.path, [f'{setting.name}: {warning.message}'])
             plan, setting_grid = None, grid
@@ -356,7 +382,7 @@ class Runner:
                 raise ImageFailure(f'{pair.path}: non-finite values (NaN or inf) in the SR image of setting '
                                    f'{setting.name!r} (branches {ran} ran on it); with --precision fp16 try fp32, '
                                    'else the weights overflow on this input')
-            seconds = timing.seconds + (routing_time.seconds if setting.kind == 'routed' else 0.0)
+            seconds = timing.seconds + (routing_seconds if setting.kind == 'routed' else 0.0)
             sr_img = tensor2img(sr.cpu(), rgb2bgr=True, min_max=(0, 1))
             record = self.record(spec, pair, setting, labels, eta, sr_img, seconds, timing, setting_grid, plan)
             if setting.name == self.cfg.save_setting and self.cfg.save_images:
@@ -364,6 +390,67 @@ class Runner:
             records.append(record)
         for result, record in zip(self.results, records):
             result.images.append(record)
+
+    def solve_set_budgets(self, spec: DatasetSpec, paths: list[Path]) -> None:
+        """Settings with a set budget: classify every image of the set (timed; logits kept for its run), then
+        solve each setting's eta over the set (see the module docstring)."""
+        self.classified.clear()
+        self.shared.clear()
+        settings = [s for s in self.cfg.settings if s.set_budget is not None]
+        if not settings:
+            return
+        sizes = {}
+        for path in tqdm(paths, desc=f'{spec.name}: classify for the set budget', unit='image', file=sys.stderr):
+            try:
+                pair = load_pair(path, None, self.engine.scale, has_gt=False)
+                check_memory(pair.path, *pair.lr.shape[-2:], self.engine.scale, self.device)
+            except (ImageFailure, ValueError):
+                continue  # reported when the image's turn comes
+            lr = pair.lr.to(self.device)
+            try:
+                with measure(self.device) as timing:
+                    logits, _ = self.engine.classify(lr)
+            except Exception:  # noqa: BLE001 (as in run_dataset: the image's own run reports it)
+                continue
+            self.classified[path] = (logits, timing.seconds)
+            sizes[path] = (int(lr.shape[-2]), int(lr.shape[-1]))
+        if not self.classified:
+            return
+        for setting in settings:
+            with measure(self.device) as timing:
+                solution = solve_shared_eta(self.set_fraction(setting, sizes), setting.set_budget)
+            self.shared[setting.name] = solution
+            share = timing.seconds / len(self.classified)  # the solve, spread over the images it routed
+            self.classified = {path: (logits, seconds + share) for path, (logits, seconds) in self.classified.items()}
+            self.note(spec.lq, [
+                f'{setting.name}: eta {solution.eta:.4g} over {len(self.classified)} images: '
+                f'{100 * solution.fraction:.2f}% of the backbone\'s {self.cfg.convention} FLOPs on the '
+                f'whole images ({timing.seconds:.3f} s to solve)'
+            ])
+
+    def set_fraction(self, setting: Setting, sizes: dict[Path, tuple[int, int]]) -> Callable[[float], float]:
+        """``eta`` -> the FLOPs the routed run executes on all ``sizes`` images under ``eta`` (as ``record``
+        counts them), over the backbone's on the whole images, in the run's convention."""
+        convention = self.cfg.convention
+        costs = [branch.value(convention) for branch in self.table.branches]
+        full = sum(full_image_cost(self.full_coefficients, *size)[convention] for size in sizes.values())
+        options, num_classes = self.cfg.engine, self.engine.num_classes
+
+        def fraction(eta: float) -> float:
+            total = 0.0
+            for path, size in sizes.items():
+                labels = cost_aware_labels(self.classified[path][0], costs, eta)
+                if self.regions:
+                    plan = plan_regions(labels, *size, options.patch, self.engine.halo, options.max_region,
+                                        self.engine.per_pixel)
+                    flops = executed_flops(setting, plan, len(labels), self.table, None, self.engine.coefficients)
+                else:
+                    counts = torch.bincount(labels, minlength=num_classes).tolist()
+                    flops = flops_of(setting, counts, self.table, None, self.full_coefficients, size)
+                total += flops[convention].total
+            return total / full
+
+        return fraction
 
     def note(self, path: Path, notes: list[str]) -> None:
         self.notes.append({'file': str(path), 'notes': notes})

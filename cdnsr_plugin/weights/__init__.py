@@ -7,8 +7,8 @@ Each model ``NAME`` is three files in this folder:
 * ``NAME.yml``: its ``network_g`` option file (as ``options/networks/*.yml``; ``tools/test_patches.py
   --network``);
 * ``NAME.json``: the manifest: the sha256 of the ``.pth``, the command, option file, data (and its terms),
-  iterations, date and machine that trained it, the default routing (``routing.budget``: a cost knob, or
-  ``null`` for the classifier's own decision), and its figures on the
+  iterations, date and machine that trained it, the default routing (``routing.set_budget``: FLOPs over a
+  folder, ``routing.budget``: per image, both ``null``: the classifier's own decision), and its figures on the
   held-out photos of ``../shared/data/photos`` (PSNR on Y, executed FLOPs in % of the backbone on the whole
   image, routed / whole-image wall time) plus one figure on a scikit-image photo that the tests reproduce.
 
@@ -75,21 +75,35 @@ def network_file(name: str) -> Path:
 
 def routing(name: str) -> str:
     """How ``name`` routes by default, in words: the classifier's own decision or a cost knob."""
-    budget = manifest(name)['routing'].get('budget')
+    info = manifest(name)['routing']
+    if info.get('set_budget') is not None:
+        return (f"a set budget of {info['set_budget']:g} (at most {100 * info['set_budget']:g}% of the backbone's "
+                'FLOPs over the folder, where the classifier sees most need)')
+    budget = info.get('budget')
     return "the classifier's own decision (argmax)" if budget is None else f'budget {budget:g}'
 
 
-def tester_args(name: str, budget: Optional[float] = None) -> list[str]:
+def tester_args(name: str,
+                budget: Optional[float] = None,
+                set_budget: Optional[float] = None,
+                argmax: bool = False) -> list[str]:
     """The ``tools/test_patches.py`` flags that run ``name`` as shipped: its network file, its sha256-checked
-    weights and its routing. ``budget`` overrides the manifest's cost knob; a manifest budget of ``null`` means
-    the classifier's own decision (argmax), which spends more FLOPs on images with more hard cells."""
+    weights and its routing. ``budget`` (per image), ``set_budget`` (over a folder) or ``argmax`` (the
+    classifier's own decision) override the manifest's routing; at most one may be given."""
+    if sum((budget is not None, set_budget is not None, argmax)) > 1:
+        raise ValueError('give at most one of --budget, --set-budget and --argmax')
     info = manifest(name)
-    budget = info['routing'].get('budget') if budget is None else budget
+    routing_info = info['routing']
+    if budget is None and set_budget is None and not argmax:
+        budget, set_budget = routing_info.get('budget'), routing_info.get('set_budget')
     argv = [
         '--network',
         str(network_file(name)), '--checkpoint',
-        str(checkpoint(name)), '--convention', info['routing'].get('convention', 'paper')
+        str(checkpoint(name)), '--convention',
+        routing_info.get('convention', 'paper')
     ]
+    if set_budget is not None:
+        return argv + ['--set-budget', str(set_budget)]
     return argv + ([] if budget is None else ['--budget', str(budget)])
 
 

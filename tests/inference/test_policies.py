@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cdnsr_plugin.inference.policies import (BudgetSolution, cost_aware_labels, forced_mix_labels, routed_fraction,
-                                             solve_budget)
+                                             solve_budget, solve_shared_eta)
 
 COSTS = [0.21, 0.46, 1.01]  # branches 0.2 / 0.45 / 1.0 of the largest, plus a 0.01 classifier
 STEP = (COSTS[-1] - COSTS[0]) / 1.0  # the largest change of one patch's cost, relative to largest = 1
@@ -130,6 +130,56 @@ def test_budget_at_the_end_of_the_range_does_not_warn(photo_logits):
 def test_invalid_budget_raises(photo_logits, budget):
     with pytest.raises(ValueError, match='budget'):
         solve_budget(photo_logits, COSTS, 1.0, budget)
+
+
+# ----------------------------------------------------------------------------------------------
+# solve_shared_eta: one eta over many images
+
+
+def set_fraction(images: list, costs=COSTS):
+    """eta -> the mean cost of every tile of every image (all tiles weigh the same)."""
+    return lambda eta: float(
+        np.mean(np.concatenate([np.asarray(costs)[cost_aware_labels(lg, costs, eta).numpy()] for lg in images])))
+
+
+@pytest.mark.parametrize('budget', [0.3, 0.55, 0.8])
+def test_shared_eta_is_the_most_expensive_routing_within_the_budget(photo_logits, budget):
+    images = list(photo_logits.split([40, len(photo_logits) - 40]))
+    fraction = set_fraction(images)
+    solution = solve_shared_eta(fraction, budget)
+    assert solution.fraction == fraction(solution.eta) <= budget
+    # a hair more expensive (smaller eta) already exceeds the budget: nothing affordable was left out
+    assert fraction(solution.eta - 1e-9 * max(1.0, abs(solution.eta))) > budget
+    assert solution.fraction > budget - STEP / len(photo_logits)  # within one tile's cost step of the budget
+
+
+def test_shared_eta_gives_the_image_that_needs_the_backbone_more_of_it():
+    """Two images, one whose tiles the classifier is sure need the backbone, one it finds easy: one eta over
+    both spends the budget where it is needed, unlike the same budget met per image."""
+    hard = torch.tensor([[0.0, 0.0, 3.0]]).repeat(10, 1)
+    easy = torch.tensor([[0.0, 3.0, 0.0]]).repeat(10, 1) + torch.linspace(0, 1, 10)[:, None] * torch.tensor([0, 0, 1])
+    solution = solve_shared_eta(set_fraction([hard, easy]), 0.75)
+    labels_hard, labels_easy = (cost_aware_labels(lg, COSTS, solution.eta) for lg in (hard, easy))
+    assert (labels_hard == 2).all() and (labels_easy == 1).all()
+    per_image = [solve_budget(lg, COSTS, 1.0, 0.75).labels for lg in (hard, easy)]
+    assert (per_image[0] == 2).sum() < 10  # the per-image knob takes backbone tiles from the hard image
+
+
+def test_shared_eta_clamps_to_the_ends(photo_logits):
+    fraction = set_fraction([photo_logits])
+    with pytest.warns(UserWarning, match='below the cheapest routing'):
+        cheapest = solve_shared_eta(fraction, 0.1)
+    assert (cost_aware_labels(photo_logits, COSTS, cheapest.eta) == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        dearest = solve_shared_eta(fraction, 1.2)
+    assert (cost_aware_labels(photo_logits, COSTS, dearest.eta) == 2).all() and dearest.fraction <= 1.2
+
+
+@pytest.mark.parametrize('budget', [0.0, -0.5, math.nan, math.inf])
+def test_shared_eta_rejects_invalid_budgets(budget):
+    with pytest.raises(ValueError, match='budget'):
+        solve_shared_eta(lambda eta: 0.5, budget)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -170,6 +170,26 @@ def test_budget_lands_within_two_points_and_eta_lowers_flops(setup, tmp_path):
     assert all(a >= b for a, b in zip(shares, shares[1:])) and shares[0] > shares[-1]
 
 
+def test_set_budget_routes_every_image_by_one_eta_within_the_budget_of_the_whole_set(setup, tmp_path):
+    """--set-budget: executed FLOPs over the set at most the budget x the backbone on the whole images, one
+    eta for all images, and each image routed exactly as --eta with that eta routes it."""
+    root, _ = setup
+    assert run_cli(direct(root, tmp_path / 's', '--set-budget', 0.6, '--compare-backbone', '--no-save-images')) == 0
+    report = json.loads((tmp_path / 's' / 'report.json').read_text())
+    routed, full = report['settings'][:2]
+    assert routed['name'] == 'set-budget=0.6'
+    etas = {record['eta'] for record in routed['images']}
+    assert len(etas) == 1
+    spent = sum(r['flops']['paper']['total'] for r in routed['images'])
+    assert spent <= 0.6 * sum(f['flops']['paper']['total'] for f in full['images']) * (1 + 1e-9)
+    assert any('set-budget=0.6: eta' in note for entry in report['notes'] for note in entry['notes'])
+    eta = etas.pop()
+    assert run_cli(direct(root, tmp_path / 'e', '--eta', repr(eta), '--no-save-images')) == 0
+    same = json.loads((tmp_path / 'e' / 'report.json').read_text())['settings'][0]['images']
+    assert [r['counts'] for r in same] == [r['counts'] for r in routed['images']]
+    assert [r['psnr_y'] for r in same] == [r['psnr_y'] for r in routed['images']]
+
+
 def test_sweep_draws_the_psnr_flops_curve(setup, tmp_path):
     root, _ = setup
     assert run_cli(direct(root, tmp_path, '--sweep', '0.4,0.7', '--no-save-images')) == 0
@@ -247,6 +267,8 @@ def test_checkpoint_that_does_not_fit_is_named(setup, tmp_path, capsys, change, 
     (['--sweep', '0.5,0.501'], 'budgets must differ'),
     (['--eta', 'nan'], 'finite'),
     (['--router-file', 'x.json'], '--router laplacian'),
+    (['--set-budget', '0'], 'set_budget must be a fraction'),
+    (['--router', 'laplacian', '--router-file', 'x.json', '--set-budget', '0.5'], 'the Laplacian router has none'),
 ])
 def test_bad_options_stop_before_any_image(setup, tmp_path, capsys, extra, needle):
     root, _ = setup
