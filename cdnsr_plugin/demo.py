@@ -4,7 +4,7 @@
 scikit-image (astronaut, chelsea, coffee, rocket, hubble_deep_field, motorcycle_left; each x4-downscaled with
 MATLAB's bicubic, the original kept as ground truth) with the shipped reference model
 (``cdnsr_plugin/weights/``, ``--model``), through ``tools/test_patches.py --compare-backbone`` with the model's
-default routing (its manifest's; ``cdnsr_carn_x4``: the classifier's own decision), and prints side by side
+default routing (its manifest's; ``cdnsr_carn_x4``: a set budget of 0.59 over the photos), and prints side by side
 the routed result and the same model's backbone (its largest branch) on the whole image: PSNR (Y), executed
 FLOPs, wall time; then where the SR images, the class maps and the report are.
 
