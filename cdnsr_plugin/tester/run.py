@@ -11,8 +11,9 @@ Set budget (``--set-budget B``). Before a set's images run, every image is class
 kept for the image's run, so no image is classified twice); one ``eta`` is solved (``policies.solve_shared_eta``)
 at which the FLOPs the routed run executes on all the set's images (as the record counts them: regions with
 halos and promotions, classifier included) are at most ``B`` x the backbone's on the whole images. Each
-image's routed time includes its classification and its share of the solve. An image that fails to load in
-that pass is left out of the budget and reported when its turn comes.
+image's routed time includes its classification and its share of the solve. An image that fails to load (with
+its ground truth) in that pass is left out of the budget and reported when its turn comes; one that loads but
+fails later (e.g. out of memory while rendering) was counted in it.
 
 Tiling. The default, ``--tiling regions``: routed settings classify non-overlapping 32x32 cells and run
 rectangles of cells with real context (``inference.regions``); ``backbone patch-wise`` stays the papers'
@@ -326,7 +327,7 @@ class Runner:
             self.failures.append(Failure(str(spec.lq), f'{type(exc).__name__}: {exc}'))
             return
         self.failures.extend(Failure(path, reason) for path, reason in skipped.items)
-        self.solve_set_budgets(spec, paths)
+        self.solve_set_budgets(spec, paths, gts)
         for path in tqdm(paths, desc=f'{spec.name}', unit='image', file=sys.stderr):
             try:
                 pair = load_pair(path, gts.get(path.stem), self.engine.scale, spec.gt is not None)
@@ -391,9 +392,10 @@ class Runner:
         for result, record in zip(self.results, records):
             result.images.append(record)
 
-    def solve_set_budgets(self, spec: DatasetSpec, paths: list[Path]) -> None:
-        """Settings with a set budget: classify every image of the set (timed; logits kept for its run), then
-        solve each setting's eta over the set (see the module docstring)."""
+    def solve_set_budgets(self, spec: DatasetSpec, paths: list[Path], gts: dict[str, Path]) -> None:
+        """Settings with a set budget: classify every image of the set that loads (with its ground truth, as its
+        own run will load it; timed, logits kept for that run), then solve each setting's eta over the set (see
+        the module docstring)."""
         self.classified.clear()
         self.shared.clear()
         settings = [s for s in self.cfg.settings if s.set_budget is not None]
@@ -402,7 +404,7 @@ class Runner:
         sizes = {}
         for path in tqdm(paths, desc=f'{spec.name}: classify for the set budget', unit='image', file=sys.stderr):
             try:
-                pair = load_pair(path, None, self.engine.scale, has_gt=False)
+                pair = load_pair(path, gts.get(path.stem), self.engine.scale, spec.gt is not None)
                 check_memory(pair.path, *pair.lr.shape[-2:], self.engine.scale, self.device)
             except (ImageFailure, ValueError):
                 continue  # reported when the image's turn comes
@@ -417,9 +419,12 @@ class Runner:
         if not self.classified:
             return
         for setting in settings:
-            with measure(self.device) as timing:
+            with warnings.catch_warnings(record=True) as caught, measure(self.device) as timing:
+                warnings.simplefilter('always')
                 solution = solve_shared_eta(self.set_fraction(setting, sizes), setting.set_budget)
             self.shared[setting.name] = solution
+            if caught:
+                self.note(spec.lq, [f'{setting.name}: {warning.message}' for warning in caught])
             share = timing.seconds / len(self.classified)  # the solve, spread over the images it routed
             self.classified = {path: (logits, seconds + share) for path, (logits, seconds) in self.classified.items()}
             self.note(spec.lq, [

@@ -213,7 +213,9 @@ def write_16bit(path: Path, img: np.ndarray) -> None:
     cv2.imwrite(str(path), img.astype(np.uint16) * 257)
 
 
-def test_bad_inputs_are_listed_and_the_rest_is_processed(setup, tmp_path, capsys):
+@pytest.mark.parametrize('extra', [[], ['--set-budget', '0.6', '--compare-backbone']])
+def test_bad_inputs_are_listed_and_the_rest_is_processed(setup, tmp_path, capsys, extra):
+    """Also with a set budget: the bad files are left out of it and listed once."""
     root, _ = setup
     lr, hr = tmp_path / 'lr', tmp_path / 'hr'
     shutil.copytree(root / 'lr', lr)
@@ -229,12 +231,12 @@ def test_bad_inputs_are_listed_and_the_rest_is_processed(setup, tmp_path, capsys
     cv2.imwrite(str(hr / 'b_33x31.png'), cv2.imread(str(hr / 'b_33x31.png'))[:-4])  # GT no longer 4 x LR
     code = run_cli([
         '--input', lr, '--gt', hr, '--checkpoint', root / 'net.pth', '--network', root / 'net.yml', '--out',
-        tmp_path / 'out'
+        tmp_path / 'out', *extra
     ])
     assert code == 1
     report = json.loads((tmp_path / 'out' / 'report.json').read_text())
     failed = {Path(f['file']).name: f['error'] for f in report['failures']}
-    assert set(failed) == {'broken.png', 'notes.txt', 'b_33x31.png'}
+    assert set(failed) == {'broken.png', 'notes.txt', 'b_33x31.png'} and len(report['failures']) == 3
     assert 'corrupt' in failed['broken.png'] and 'scale' in failed['b_33x31.png'] and '124x132' in failed['b_33x31.png']
     done = {r['image'] for r in report['settings'][0]['images']}
     assert done == {'a_97x250', 'c_1x1', 'd_200x260', 'e_4x4', 'gray', 'rgba', 'deep'}
@@ -242,6 +244,11 @@ def test_bad_inputs_are_listed_and_the_rest_is_processed(setup, tmp_path, capsys
     assert {'gray', 'rgba', 'deep'} <= noted
     printed = capsys.readouterr().out
     assert '3 files failed' in printed and 'broken.png' in printed
+    if extra:  # the set budget is solved over the seven images that ran, and met over them
+        assert any('over 7 images' in note for entry in report['notes'] for note in entry['notes'])
+        routed, full = report['settings'][:2]
+        spent = sum(r['flops']['paper']['total'] for r in routed['images'])
+        assert spent <= 0.6 * sum(f['flops']['paper']['total'] for f in full['images']) * (1 + 1e-9)
 
 
 @pytest.mark.parametrize('change,needle', [
