@@ -2,7 +2,7 @@
 compared at equal budgets (see cdnsr_plugin/analysis/routing.py for every definition).
 
     python tools/analyze_routing.py --checkpoint experiments/NAME/models/net_g_latest.pth \\
-        --lr LR_DIR --gt HR_DIR --out results/NAME_routing [--budgets 0.4,0.5,0.55,0.65,0.8]
+        --lr LR_DIR --gt HR_DIR --out results/NAME_routing [--budgets 0.4,0.5,0.55,0.65,0.8] [--scope set]
 
 Default tiling: seam-free regions (each branch once on the whole image, each 32x32 cell keeps its part;
 costs as executed, halos and promotions included); ``--tiling paper`` for the papers' 32/28 tiles.
@@ -42,6 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--limit', type=int, help='only the first N images')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random router')
     parser.add_argument(
+        '--scope',
+        choices=('image', 'set'),
+        default='image',
+        help='image (default): every image meets each budget (the tester\'s --budget); set: one eta for all '
+        'images, the set meets it (--set-budget)')
+    parser.add_argument(
         '--tiling',
         choices=('regions', 'paper'),
         default='regions',
@@ -64,7 +70,7 @@ def main(argv=None) -> int:
             raise ValueError(f'--routers: unknown {unknown}; choose among {ROUTERS}')
         options = EngineOptions(tiling=args.tiling, halo=args.halo)
         analysis = analyze_folders(net, args.lr, args.gt, budgets, routers, args.convention, args.seed, args.limit,
-                                   options)
+                                   options, args.scope)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f'analyze_routing: {exc}', file=sys.stderr)
         return 2

@@ -43,6 +43,9 @@ def routers_markdown(analysis: Analysis) -> list[str]:
     return lines
 
 
+SCOPE_TEXT = {'image': 'each image meeting the budget', 'set': 'one eta per router over the whole set'}
+
+
 def to_markdown(analysis: Analysis, title: str = 'Routing analysis') -> str:
     """The analysis as Markdown tables (PSNR: BasicSR's, Y, crop = scale, mean over images)."""
     tiles = ('non-overlapping 32x32 LR cells, executed as seam-free regions (exact halo)'
@@ -54,7 +57,8 @@ def to_markdown(analysis: Analysis, title: str = 'Routing analysis') -> str:
         'largest branch on the whole image.', '',
         '**Branch x difficulty class** (classes: terciles of the largest branch\'s tile PSNR; '
         'cells: PSNR over the class\'s tiles):', '', *branch_table_markdown(analysis), '',
-        '**Routers at equal budgets** (regret: oracle PSNR minus the router\'s):', '', *routers_markdown(analysis), ''
+        f'**Routers at equal budgets**, {SCOPE_TEXT[analysis.scope]} (regret: oracle PSNR minus the router\'s):', '',
+        *routers_markdown(analysis), ''
     ]
     argmax = next((p for p in analysis.points if p.router == 'learned' and p.budget is None), None)
     if argmax is not None:

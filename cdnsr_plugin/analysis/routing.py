@@ -28,6 +28,10 @@ without running a network again. Then:
   - *laplacian*: edge energy as a ranking (scores ``j * z_t``, ``z`` the standardised edge energy);
   - *random*: seeded standard-normal scores, a random ranking;
 
+  with ``scope='set'`` each router's ``eta`` is solved once for all images (``policies.solve_shared_eta``: the
+  mean per-tile cost over the set meets the budget; the tester's ``--set-budget``), so images that need the
+  larger branches more get more of them;
+
   and the merged image is scored (BasicSR's PSNR on Y, ``crop_border = scale``); **regret** is the oracle's
   PSNR minus the router's at the same budget;
 * the classifier's argmax (no knob), its **soft-vs-hard gap** (ClassSR eq. 1's probability-weighted
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -53,11 +58,12 @@ from basicsr.utils import tensor2img
 from cdnsr_plugin.inference.costs import CostTable, executed_cost, full_image_cost
 from cdnsr_plugin.inference.engine import RoutedEngine
 from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, laplacian_scores
-from cdnsr_plugin.inference.policies import solve_budget
+from cdnsr_plugin.inference.policies import cost_aware_labels, solve_budget, solve_shared_eta
 from cdnsr_plugin.inference.regions import plan_regions
 from cdnsr_plugin.inference.tiling import PatchGrid, PatchMerger
 
 ROUTERS = ('oracle', 'learned', 'laplacian', 'random')
+SCOPES = ('image', 'set')
 DEFAULT_BUDGETS = (0.4, 0.5, 0.55, 0.65, 0.8)
 _Y = (65.481, 128.553, 24.966)  # BasicSR's rgb2ycbcr(y_only=True) on [0, 1] RGB, times 255
 
@@ -280,6 +286,7 @@ class Analysis:
     hard_psnr: Optional[float] = None
     spearman: Optional[float] = None
     mean_max_probability: Optional[float] = None  # the classifier's confidence on the test tiles
+    scope: str = 'image'  # budgets met per image, or over the set with one eta (``analyze``)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -361,8 +368,12 @@ def analyze(images: Sequence[ImageTiles],
             routers: Sequence[str] = ROUTERS,
             convention: str = 'paper',
             seed: int = 0,
-            progress: Callable[[str], None] = lambda message: None) -> Analysis:
-    """Compare the routers on ``images`` (see the module docstring)."""
+            progress: Callable[[str], None] = lambda message: None,
+            scope: str = 'image') -> Analysis:
+    """Compare the routers on ``images`` (see the module docstring); ``scope``: ``image`` (each image meets the
+    budget) or ``set`` (one eta for all images, the set meets it)."""
+    if scope not in SCOPES:
+        raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
     branch_costs = np.asarray([branch.value(convention) for branch in table.branches], dtype=np.float64)
     largest = float(branch_costs.max())
     patch_pixels = table.patch * table.patch
@@ -385,12 +396,12 @@ def analyze(images: Sequence[ImageTiles],
         per_class = branch_costs + overheads[router]
         for budget in budgets:
             progress(f'{router} at budget {budget}')
+            scores = [torch.from_numpy(router_scores(image, router, seed + i)) for i, image in enumerate(images)]
             with np.errstate(all='ignore'):
-                labels = [
-                    solve_budget(
-                        torch.from_numpy(router_scores(image, router, seed + index)), per_class, largest,
-                        budget).labels.numpy() for index, image in enumerate(images)
-                ]
+                if scope == 'set':
+                    labels = _shared_labels(scores, per_class, largest, budget)
+                else:
+                    labels = [solve_budget(score, per_class, largest, budget).labels.numpy() for score in scores]
             point = _point(router, budget, images, labels, per_class, largest, scale,
                            (branch_macs, router_macs[router]))
             if router == 'oracle':
@@ -414,7 +425,22 @@ def analyze(images: Sequence[ImageTiles],
     if all(image.full_cost for image in images):
         full = sum(image.full_cost[convention] for image in images)
         result.backbone_full_flops_fraction = float(full / (result.tiles * largest))
+    result.scope = scope
     return result
+
+
+def _shared_labels(scores: Sequence[torch.Tensor], per_class: np.ndarray, largest: float,
+                   budget: float) -> list[np.ndarray]:
+    """Every image's labels under the one eta at which the mean per-tile cost over all images meets ``budget``."""
+
+    def fraction(eta: float) -> float:
+        chosen = np.concatenate([cost_aware_labels(score, per_class, eta).numpy() for score in scores])
+        return float(per_class[chosen].mean() / largest)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # an unreachable budget routes to the nearest end, as solve_budget does
+        eta = solve_shared_eta(fraction, budget).eta
+    return [cost_aware_labels(score, per_class, eta).numpy() for score in scores]
 
 
 def _classifier_measures(result: Analysis, images: Sequence[ImageTiles], per_class: np.ndarray, largest: float,

@@ -36,10 +36,12 @@ def analyze_folders(net: torch.nn.Module,
                     convention: str = 'paper',
                     seed: int = 0,
                     limit: Optional[int] = None,
-                    options: EngineOptions = EngineOptions()) -> Analysis:
+                    options: EngineOptions = EngineOptions(),
+                    scope: str = 'image') -> Analysis:
     """Every LR image of ``lr_dir`` with its namesake in ``gt_dir`` (exactly ``scale`` x the LR), analysed.
     ``options``: the engine's tiling (default: regions, scored as with the exact halo; the executed costs
-    count the halo of ``options``, by default the backbone's)."""
+    count the halo of ``options``, by default the backbone's); ``scope``: budgets met per image or over the
+    set (``routing.analyze``)."""
     engine = RoutedEngine(net, options)
     table = cost_table(net, patch=engine.options.patch)
     coefficients = engine.coefficients[-1]
@@ -59,6 +61,6 @@ def analyze_folders(net: torch.nn.Module,
         progress.update()
 
     try:
-        return analyze(images, table, net.scale, budgets, routers, convention, seed, step)
+        return analyze(images, table, net.scale, budgets, routers, convention, seed, step, scope)
     finally:
         progress.close()

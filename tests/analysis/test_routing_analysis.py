@@ -8,7 +8,7 @@ import torch
 from basicsr.metrics import calculate_psnr
 from basicsr.utils import tensor2img
 
-from cdnsr_plugin.analysis.report import write
+from cdnsr_plugin.analysis.report import to_markdown, write
 from cdnsr_plugin.analysis.routing import (ROUTERS, analyze, branch_class_table, collect, psnr_of, router_scores,
                                            tile_boxes, tile_errors)
 from cdnsr_plugin.inference.costs import cost_table, full_image_coefficients
@@ -138,3 +138,20 @@ def test_analyze_compares_every_router_at_every_budget_and_writes_reports(tmp_pa
     data = json.loads(paths[0].read_text())
     assert data['tiles'] == sum(len(image.grid) for image in images) and len(data['points']) == len(analysis.points)
     assert '| 0.50 |' in paths[1].read_text() and paths[2].read_bytes()[:4] == b'\x89PNG'
+
+
+def test_set_scope_meets_each_budget_over_the_whole_set(engine, images):
+    """scope='set': one eta per router and budget for all images; the set's mean per-tile cost stays within the
+    budget, and for the oracle (distinct scores) within one tile's cost step below it."""
+    table = cost_table(engine.net)
+    analysis = analyze(images, table, 4, budgets=(0.5, 0.8), routers=('oracle', 'learned'), scope='set')
+    assert analysis.scope == 'set'
+    costs = [branch.value('paper') for branch in table.branches]
+    step = (max(costs) - min(costs)) / max(costs) / analysis.tiles
+    for point in (p for p in analysis.points if p.budget is not None):
+        assert point.flops_fraction <= point.budget + 1e-9
+        if point.router == 'oracle':
+            assert point.flops_fraction > point.budget - step
+    assert 'one eta per router over the whole set' in to_markdown(analysis)
+    with pytest.raises(ValueError, match='scope'):
+        analyze(images, table, 4, budgets=(0.5, ), routers=('oracle', ), scope='folder')
