@@ -92,17 +92,14 @@ def start(work: Path) -> None:
 
 def write_photos(work: Path, schedule: Schedule) -> tuple[Path, Path, Path]:
     """Training photos, and the held-out photo as an LR/HR pair (HR cropped to a multiple of 4)."""
-    from cdnsr_plugin.utils.image import bicubic_resize, mod_crop
-    from cdnsr_plugin.utils.io import write_image
+    from cdnsr_plugin.utils.io import write_bicubic_pair, write_image
     train, hr_dir, lr_dir = work / 'photos', work / 'test' / 'HR', work / 'test' / 'LR_bicubic' / 'X4'
     for folder in (train, hr_dir, lr_dir):
         folder.mkdir(parents=True)
     photos = bundled_photos()
     for name in TRAIN_PHOTOS:
         write_image(train / f'{name}.png', shrink(photos[name], schedule.max_side))
-    hr = mod_crop(photos[HELD_OUT], 4)  # 600x400 at most: tested at full size in both modes
-    write_image(hr_dir / f'{HELD_OUT}.png', hr)
-    write_image(lr_dir / f'{HELD_OUT}.png', bicubic_resize(hr, 0.25))
+    write_bicubic_pair(photos[HELD_OUT], HELD_OUT, hr_dir, lr_dir, 4)  # 600x400 at most: full size in both modes
     return train, hr_dir, lr_dir
 
 
@@ -194,13 +191,10 @@ def run(work: Path, schedule: Schedule) -> dict[str, Path]:
 
 def write_pairs(work: Path) -> tuple[Path, Path]:
     """Every bundled photo as ground truth (cropped to a multiple of 4) and its MATLAB-bicubic x4 LR."""
-    from cdnsr_plugin.utils.image import bicubic_resize, mod_crop
-    from cdnsr_plugin.utils.io import write_image
+    from cdnsr_plugin.utils.io import write_bicubic_pair
     hr_dir, lr_dir = work / 'photos' / 'HR', work / 'photos' / 'LR_bicubic' / 'X4'
     for name, photo in bundled_photos().items():
-        hr = mod_crop(photo, 4)
-        write_image(hr_dir / f'{name}.png', hr)
-        write_image(lr_dir / f'{name}.png', bicubic_resize(hr, 0.25))
+        write_bicubic_pair(photo, name, hr_dir, lr_dir, 4)
     return lr_dir, hr_dir
 
 
@@ -264,6 +258,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         help='with --train: small photos and a short schedule (under a minute); '
         f'{QUICK_ENV}=1 (CI) runs the shipped model, then the quick training')
     args = parser.parse_args(argv)
+    if args.quick and not args.train:
+        parser.error('--quick shortens the training demo: use it with --train (cdnsr-demo --train --quick)')
     ci = os.environ.get(QUICK_ENV) == '1'
     import cdnsr_plugin  # noqa: F401  (registers the plugin; torchvision alias before basicsr)
     from cdnsr_plugin import weights

@@ -26,6 +26,13 @@ def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
     return img[:height - height % scale, :width - width % scale]
 
 
+def bicubic_pair(photo: np.ndarray, scale: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """``(lr, hr)``: ``photo`` cropped to a multiple of ``scale`` (the ground truth) and its MATLAB-bicubic
+    ``1 / scale`` downscale (the LR), exactly ``scale`` times smaller: the test sets' degradation."""
+    hr = mod_crop(photo, scale)
+    return bicubic_resize(hr, 1.0 / scale), hr
+
+
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 BGR (H, W, 3) -> float32 RGB tensor (3, H, W) in [0, 1], as BasicSR's ``img2tensor`` makes it."""
     from basicsr.utils import img2tensor  # after cdnsr_plugin's torchvision alias

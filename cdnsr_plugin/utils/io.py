@@ -123,6 +123,15 @@ class Skipped:
         return dict(self.items)
 
 
+def write_bicubic_pair(photo: np.ndarray, name: str, hr_dir: Path, lr_dir: Path, scale: int = 4) -> None:
+    """``hr_dir/<name>.png`` and ``lr_dir/<name>.png``: ``utils.image.bicubic_pair`` of ``photo``, each written
+    atomically (folders created)."""
+    from cdnsr_plugin.utils.image import bicubic_pair
+    lr, hr = bicubic_pair(photo, scale)
+    write_image(Path(hr_dir) / f'{name}.png', hr)
+    write_image(Path(lr_dir) / f'{name}.png', lr)
+
+
 def list_images(folder: Path | str, skipped: Optional[Skipped] = None) -> list[Path]:
     """Image files directly in ``folder``, sorted; other files go to ``skipped``.
 

@@ -110,21 +110,22 @@ def tester_args(name: str,
 CHECK_PHOTO = 'astronaut'  # scikit-image ships it: tests reproduce each manifest's figure on it without ../shared
 
 
-def check_pair() -> tuple[np.ndarray, np.ndarray]:
-    """``(lr, hr)`` uint8 BGR: scikit-image's ``CHECK_PHOTO`` cropped to a multiple of 4, and its MATLAB-bicubic
-    x4 downscale (the held-out photos' degradation)."""
+def check_photo() -> np.ndarray:
+    """scikit-image's ``CHECK_PHOTO`` as uint8 BGR."""
     import numpy as np
     from skimage import data
+    return np.ascontiguousarray(getattr(data, CHECK_PHOTO)()[..., ::-1])
 
-    from cdnsr_plugin.utils.image import bicubic_resize, mod_crop
-    hr = mod_crop(np.ascontiguousarray(getattr(data, CHECK_PHOTO)()[..., ::-1]), 4)
-    return bicubic_resize(hr, 0.25), hr
+
+def check_pair() -> tuple[np.ndarray, np.ndarray]:
+    """``(lr, hr)`` uint8 BGR: ``check_photo`` cropped to a multiple of 4, and its MATLAB-bicubic x4 downscale
+    (the held-out photos' degradation)."""
+    from cdnsr_plugin.utils.image import bicubic_pair
+    return bicubic_pair(check_photo(), 4)
 
 
 def write_check_pair(folder: Path) -> tuple[Path, Path]:
     """``check_pair`` as ``folder/lr/<photo>.png`` and ``folder/hr/<photo>.png``; returns the two folders."""
-    from cdnsr_plugin.utils.io import write_image
-    lr, hr = check_pair()
-    write_image(folder / 'lr' / f'{CHECK_PHOTO}.png', lr)
-    write_image(folder / 'hr' / f'{CHECK_PHOTO}.png', hr)
+    from cdnsr_plugin.utils.io import write_bicubic_pair
+    write_bicubic_pair(check_photo(), CHECK_PHOTO, folder / 'hr', folder / 'lr', 4)
     return folder / 'lr', folder / 'hr'

@@ -87,3 +87,12 @@ def test_demo_replaces_only_its_own_folder(tmp_path):
     with pytest.raises(FileExistsError, match='not made by the demo'):
         start(other)
     assert (other / 'keep.txt').read_text() == 'important'
+
+
+def test_quick_without_train_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from cdnsr_plugin.demo import main
+    monkeypatch.delenv(CI_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--quick', '--work', str(tmp_path / 'demo')])
+    assert exit_info.value.code == 2 and '--train' in capsys.readouterr().err
+    assert not (tmp_path / 'demo').exists()
