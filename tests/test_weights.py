@@ -100,3 +100,15 @@ def test_cdnsr_sr_routes_as_the_manifest_says_unless_told_otherwise(tmp_path):
     assert spent['set-budget=0.4'] <= 40.0 < spent['argmax']
     with pytest.raises(SystemExit):
         cdnsr_sr([str(lr), '--argmax', '--budget', '0.5'])
+
+
+def test_a_manifest_with_two_routings_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / 'weights'
+    shutil.copytree(weights.FOLDER, folder, ignore=shutil.ignore_patterns('__pycache__', '*.py'))
+    path = folder / f'{weights.DEFAULT_MODEL}.json'
+    info = json.loads(path.read_text())
+    info['routing'].update(budget=0.5, set_budget=0.6)
+    path.write_text(json.dumps(info))
+    monkeypatch.setattr(weights, 'FOLDER', folder)
+    with pytest.raises(ValueError, match='sets both routing.budget and routing.set_budget'):
+        weights.tester_args(weights.DEFAULT_MODEL)

@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=('image', 'set'),
         default='image',
         help='image (default): every image meets each budget (the tester\'s --budget); set: one eta for all '
-        'images, the set meets it (--set-budget)')
+        'images, the set\'s mean per-tile cost within each budget (as the tester\'s --set-budget does with the '
+        'executed cost)')
     parser.add_argument(
         '--tiling',
         choices=('regions', 'paper'),

@@ -29,8 +29,9 @@ without running a network again. Then:
   - *random*: seeded standard-normal scores, a random ranking;
 
   with ``scope='set'`` each router's ``eta`` is solved once for all images (``policies.solve_shared_eta``: the
-  mean per-tile cost over the set meets the budget; the tester's ``--set-budget``), so images that need the
-  larger branches more get more of them;
+  mean per-tile cost over the set stays within the budget; tied tiles are not split, so a router may land a
+  little under it), so images that need the larger branches more get more of them. The tester's
+  ``--set-budget`` does the same on the executed cost relative to the backbone on the whole images;
 
   and the merged image is scored (BasicSR's PSNR on Y, ``crop_border = scale``); **regret** is the oracle's
   PSNR minus the router's at the same budget;
@@ -58,7 +59,7 @@ from basicsr.utils import tensor2img
 from cdnsr_plugin.inference.costs import CostTable, executed_cost, full_image_cost
 from cdnsr_plugin.inference.engine import RoutedEngine
 from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, laplacian_scores
-from cdnsr_plugin.inference.policies import cost_aware_labels, solve_budget, solve_shared_eta
+from cdnsr_plugin.inference.policies import cost_aware_labels, eta_limit, solve_budget, solve_shared_eta
 from cdnsr_plugin.inference.regions import plan_regions
 from cdnsr_plugin.inference.tiling import PatchGrid, PatchMerger
 
@@ -439,7 +440,7 @@ def _shared_labels(scores: Sequence[torch.Tensor], per_class: np.ndarray, larges
 
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # an unreachable budget routes to the nearest end, as solve_budget does
-        eta = solve_shared_eta(fraction, budget).eta
+        eta = solve_shared_eta(fraction, budget, eta_limit(scores, per_class)).eta
     return [cost_aware_labels(score, per_class, eta).numpy() for score in scores]
 
 

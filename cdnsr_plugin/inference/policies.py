@@ -287,44 +287,68 @@ class SharedEta:
     budget: float
 
 
-def solve_shared_eta(fraction_at: Callable[[float], float], budget: float, iterations: int = 32) -> SharedEta:
-    """The ``eta`` at which a routing's cost, ``fraction_at(eta)``, is largest without exceeding ``budget``.
+def eta_limit(logits: Sequence[Tensor], costs: Sequence[float] | Tensor) -> float:
+    """An ``|eta|`` beyond which ``cost_aware_labels`` no longer changes for any of ``logits`` (a list of
+    ``(N, M)`` tensors): every tile on the cheapest class above ``+limit``, on the most expensive below
+    ``-limit``. It is the largest spread of a tile's log-probabilities over the smallest non-zero gap between
+    two relative costs, plus one."""
+    values = _as_costs(costs, 'costs')
+    relative = np.unique(values / values.max())
+    gaps = np.diff(relative)
+    spread = max((float((lp.max(dim=1).values - lp.min(dim=1).values).max()) if lp.numel() else 0.0)
+                 for lp in (torch.log_softmax(_check_logits(x).double(), dim=1) for x in logits))
+    return spread / float(gaps.min()) + 1.0 if gaps.size else 1.0
+
+
+def solve_shared_eta(fraction_at: Callable[[float], float],
+                     budget: float,
+                     limit: float | None = None,
+                     iterations: int = 32) -> SharedEta:
+    """An ``eta`` whose routing's cost, ``fraction_at(eta)``, is as large as bisection finds without exceeding
+    ``budget``.
 
     ``fraction_at`` routes every tile of every image with ``cost_aware_labels(logits, costs, eta)`` and returns
-    the total cost as a fraction of a reference (e.g. the backbone on the whole images); as in
-    :func:`solve_budget` each tile's cost never rises with ``eta``. The bracket around ``eta = 0`` (argmax) is
-    doubled until it holds the budget, then bisected ``iterations`` times; the returned ``eta`` is the bracket's
-    side at or under the budget (a budget between two steps of the cost is met from below). Where even the
-    most expensive routing fits the budget, that routing is returned; where even the cheapest exceeds it, the
-    cheapest, with a warning.
+    the total cost as a fraction of a reference (e.g. the backbone on the whole images). Each tile's nominal
+    cost never rises with ``eta`` (:func:`solve_budget`); a cost that counts what runs (halos, isolated cells
+    promoted to a larger branch) can rise by a little where one cell moves to a cheaper class, so the result is
+    within the budget but a slightly more expensive routing may also fit. The bracket around ``eta = 0``
+    (argmax) is doubled until it holds the budget, then bisected ``iterations`` times; the returned ``eta`` is
+    the bracket's side at or under the budget. ``limit`` (:func:`eta_limit`): the ``|eta|`` beyond which nothing
+    changes; with it, a budget outside the reachable range costs two evaluations instead of up to a thousand
+    doublings. Where even the most expensive routing fits the budget, that routing is returned; where even the
+    cheapest exceeds it, the cheapest, with a warning.
 
     Examples:
         >>> logits = torch.tensor([[0.0, 1.0], [0.0, 3.0]])   # two tiles, the second surer of class 1
         >>> cost = lambda eta: routed_fraction(cost_aware_labels(logits, [0.5, 1.0], eta), [0.5, 1.0], 1.0)
-        >>> sol = solve_shared_eta(cost, 0.8)
+        >>> sol = solve_shared_eta(cost, 0.8, eta_limit([logits], [0.5, 1.0]))
         >>> cost_aware_labels(logits, [0.5, 1.0], sol.eta).tolist(), sol.fraction
         ([0, 1], 0.75)
     """
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f'budget must be a positive finite fraction, got {budget}')
-    if fraction_at(0.0) > budget:  # argmax costs too much: search eta > 0 (cheaper)
-        low, high = 0.0, 1.0
-        for _ in range(_MAX_DOUBLINGS):
-            if fraction_at(high) <= budget:
-                break
-            low, high = high, high * 2.0
-        else:
-            warnings.warn(
-                f'budget {budget:g} is below the cheapest routing ({fraction_at(high):g}); routing so', stacklevel=2)
-            return SharedEta(high, fraction_at(high), budget)
-    else:  # argmax fits: search eta < 0 (more expensive) for the most that fits
-        low, high = -1.0, 0.0
-        for _ in range(_MAX_DOUBLINGS):
-            if fraction_at(low) > budget:
-                break
-            low, high = low * 2.0, low
-        else:
-            return SharedEta(low, fraction_at(low), budget)  # even the most expensive routing fits
+    if limit is not None and not (math.isfinite(limit) and limit > 0):
+        raise ValueError(f'limit must be a positive finite |eta|, got {limit}')
+    cheaper = fraction_at(0.0) > budget  # argmax costs too much: search eta > 0; else eta < 0 for the most
+    sign = 1.0 if cheaper else -1.0
+    if limit is not None:
+        end = fraction_at(sign * limit)
+        if cheaper and end > budget:
+            warnings.warn(f'budget {budget:g} is below the cheapest routing ({end:g}); routing so', stacklevel=2)
+            return SharedEta(limit, end, budget)
+        if not cheaper and end <= budget:
+            return SharedEta(-limit, end, budget)  # even the most expensive routing fits
+    inner, outer = 0.0, sign
+    for _ in range(_MAX_DOUBLINGS):  # with a limit, the end checks above guarantee a bracket before |eta| > limit
+        value = fraction_at(outer)
+        if (value <= budget) if cheaper else (value > budget):
+            break
+        inner, outer = outer, outer * 2.0
+    else:
+        if cheaper:
+            warnings.warn(f'budget {budget:g} is below the cheapest routing ({value:g}); routing so', stacklevel=2)
+        return SharedEta(outer, value, budget)
+    low, high = (inner, outer) if cheaper else (outer, inner)
     for _ in range(iterations):  # invariant: fraction_at(low) > budget >= fraction_at(high)
         middle = (low + high) / 2.0
         if fraction_at(middle) > budget:

@@ -278,8 +278,8 @@ def _settings(args: argparse.Namespace, val: dict, router: str) -> list[Setting]
         settings = [Setting(f'budget={float(budget):.2f}', budget=float(budget))]
     elif set_budget is not None:
         if isinstance(set_budget, bool) or not isinstance(set_budget, (int, float)) or not 0 < set_budget <= 1.5:
-            raise ValueError('set_budget must be a fraction of the backbone\'s FLOPs on the whole images such as '
-                             f'0.57, got {set_budget!r}')
+            raise ValueError('set_budget must be a fraction in (0, 1.5] of the backbone\'s FLOPs on the whole images, '
+                             f'such as 0.57; got {set_budget!r}')
         settings = [Setting(f'set-budget={float(set_budget):g}', set_budget=float(set_budget))]
     elif eta is not None:
         if not math.isfinite(float(eta)):

@@ -12,8 +12,9 @@ kept for the image's run, so no image is classified twice); one ``eta`` is solve
 at which the FLOPs the routed run executes on all the set's images (as the record counts them: regions with
 halos and promotions, classifier included) are at most ``B`` x the backbone's on the whole images. Each
 image's routed time includes its classification and its share of the solve. An image that fails to load (with
-its ground truth) in that pass is left out of the budget and reported when its turn comes; one that loads but
-fails later (e.g. out of memory while rendering) was counted in it.
+its ground truth) or to classify in that pass is left out of the budget and reported when its turn comes; where
+one that was counted fails later (e.g. out of memory in another setting), so that the images that ran spent
+more than ``B``, a note says so.
 
 Tiling. The default, ``--tiling regions``: routed settings classify non-overlapping 32x32 cells and run
 rectangles of cells with real context (``inference.regions``); ``backbone patch-wise`` stays the papers'
@@ -57,7 +58,7 @@ from cdnsr_plugin.deploy.onnx_runtime import load_exported, require_onnxruntime
 from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table, executed_cost, full_image_cost
 from cdnsr_plugin.inference.engine import RoutedEngine
 from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, LaplacianRouter
-from cdnsr_plugin.inference.policies import SharedEta, cost_aware_labels, solve_budget, solve_shared_eta
+from cdnsr_plugin.inference.policies import SharedEta, cost_aware_labels, eta_limit, solve_budget, solve_shared_eta
 from cdnsr_plugin.inference.regions import Plan, plan_regions
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.config import ONNXRUNTIME, DatasetSpec, Setting, TestConfig
@@ -338,6 +339,24 @@ class Runner:
                 self.failures.append(Failure(str(path), f'{type(exc).__name__}: {exc}'))
                 if self.device.type == 'cuda':
                     torch.cuda.empty_cache()
+        self.check_set_budgets(spec)
+
+    def check_set_budgets(self, spec: DatasetSpec) -> None:
+        """A note where the images of ``spec`` that ran spent more than a set budget: one counted in the solve
+        failed later (e.g. out of memory in another setting), or one that could not be classified then ran."""
+        convention = self.cfg.convention
+        for setting, result in zip(self.cfg.settings, self.results):
+            if setting.set_budget is None:
+                continue
+            records = [r for r in result.images if r.dataset == spec.name]
+            full = sum(full_image_cost(self.full_coefficients, *r.lr_size)[convention] for r in records)
+            spent = sum(r.flops[convention].total for r in records)
+            if full > 0 and spent > setting.set_budget * full * (1 + 1e-9):
+                self.note(spec.lq, [
+                    f'{setting.name}: the {len(records)} images that ran executed {100 * spent / full:.2f}% of the '
+                    f'backbone\'s {convention} FLOPs on their whole images, over the budget: images counted in '
+                    'the solve failed later, or images the solve could not classify ran'
+                ])
 
     def run_image(self, spec: DatasetSpec, pair: LoadedPair) -> None:
         if pair.notes:
@@ -403,17 +422,18 @@ class Runner:
             return
         sizes = {}
         for path in tqdm(paths, desc=f'{spec.name}: classify for the set budget', unit='image', file=sys.stderr):
-            try:
+            try:  # whatever fails here is reported when the image's own turn comes, as run_dataset does
                 pair = load_pair(path, gts.get(path.stem), self.engine.scale, spec.gt is not None)
                 check_memory(pair.path, *pair.lr.shape[-2:], self.engine.scale, self.device)
-            except (ImageFailure, ValueError):
-                continue  # reported when the image's turn comes
-            lr = pair.lr.to(self.device)
-            try:
+                lr = pair.lr.to(self.device)
                 with measure(self.device) as timing:
                     logits, _ = self.engine.classify(lr)
-            except Exception:  # noqa: BLE001 (as in run_dataset: the image's own run reports it)
+            except Exception:  # noqa: BLE001 (one image must not end a batch run)
+                if self.device.type == 'cuda':
+                    torch.cuda.empty_cache()
                 continue
+            if not torch.isfinite(logits).all():
+                continue  # non-finite logits: the image's own run reports it (its SR image is checked)
             self.classified[path] = (logits, timing.seconds)
             sizes[path] = (int(lr.shape[-2]), int(lr.shape[-1]))
         if not self.classified:
@@ -421,7 +441,9 @@ class Runner:
         for setting in settings:
             with warnings.catch_warnings(record=True) as caught, measure(self.device) as timing:
                 warnings.simplefilter('always')
-                solution = solve_shared_eta(self.set_fraction(setting, sizes), setting.set_budget)
+                costs = [branch.value(self.cfg.convention) for branch in self.table.branches]
+                limit = eta_limit([logits for logits, _ in self.classified.values()], costs)
+                solution = solve_shared_eta(self.set_fraction(setting, sizes), setting.set_budget, limit)
             self.shared[setting.name] = solution
             if caught:
                 self.note(spec.lq, [f'{setting.name}: {warning.message}' for warning in caught])

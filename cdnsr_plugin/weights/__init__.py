@@ -94,6 +94,9 @@ def tester_args(name: str,
         raise ValueError('give at most one of --budget, --set-budget and --argmax')
     info = manifest(name)
     routing_info = info['routing']
+    if routing_info.get('budget') is not None and routing_info.get('set_budget') is not None:
+        raise ValueError(f'the manifest of {name} sets both routing.budget and routing.set_budget; it must set at '
+                         'most one (reinstall the package, or fix the manifest)')
     if budget is None and set_budget is None and not argmax:
         budget, set_budget = routing_info.get('budget'), routing_info.get('set_budget')
     argv = [

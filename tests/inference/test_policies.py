@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdnsr_plugin.inference.policies import (BudgetSolution, cost_aware_labels, forced_mix_labels, routed_fraction,
-                                             solve_budget, solve_shared_eta)
+from cdnsr_plugin.inference.policies import (BudgetSolution, cost_aware_labels, eta_limit, forced_mix_labels,
+                                             routed_fraction, solve_budget, solve_shared_eta)
 
 COSTS = [0.21, 0.46, 1.01]  # branches 0.2 / 0.45 / 1.0 of the largest, plus a 0.01 classifier
 STEP = (COSTS[-1] - COSTS[0]) / 1.0  # the largest change of one patch's cost, relative to largest = 1
@@ -146,7 +146,7 @@ def set_fraction(images: list, costs=COSTS):
 def test_shared_eta_is_the_most_expensive_routing_within_the_budget(photo_logits, budget):
     images = list(photo_logits.split([40, len(photo_logits) - 40]))
     fraction = set_fraction(images)
-    solution = solve_shared_eta(fraction, budget)
+    solution = solve_shared_eta(fraction, budget, eta_limit(images, COSTS))
     assert solution.fraction == fraction(solution.eta) <= budget
     # a hair more expensive (smaller eta) already exceeds the budget: nothing affordable was left out
     assert fraction(solution.eta - 1e-9 * max(1.0, abs(solution.eta))) > budget
@@ -165,15 +165,31 @@ def test_shared_eta_gives_the_image_that_needs_the_backbone_more_of_it():
     assert (per_image[0] == 2).sum() < 10  # the per-image knob takes backbone tiles from the hard image
 
 
-def test_shared_eta_clamps_to_the_ends(photo_logits):
+def test_eta_limit_is_where_the_routing_stops_changing(photo_logits):
+    limit = eta_limit([photo_logits[:30], photo_logits[30:]], COSTS)
+    assert (cost_aware_labels(photo_logits, COSTS, limit) == 0).all()
+    assert (cost_aware_labels(photo_logits, COSTS, -limit) == 2).all()
+
+
+@pytest.mark.parametrize('limit', [None, 'computed'])
+def test_shared_eta_clamps_to_the_ends(photo_logits, limit):
+    calls = []
     fraction = set_fraction([photo_logits])
+
+    def counted(eta):
+        calls.append(eta)
+        return fraction(eta)
+
+    bound = eta_limit([photo_logits], COSTS) if limit else None
     with pytest.warns(UserWarning, match='below the cheapest routing'):
-        cheapest = solve_shared_eta(fraction, 0.1)
+        cheapest = solve_shared_eta(counted, 0.1, bound)
     assert (cost_aware_labels(photo_logits, COSTS, cheapest.eta) == 0).all()
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        dearest = solve_shared_eta(fraction, 1.2)
+        dearest = solve_shared_eta(counted, 1.2, bound)
     assert (cost_aware_labels(photo_logits, COSTS, dearest.eta) == 2).all() and dearest.fraction <= 1.2
+    if limit:  # two evaluations per unreachable budget, not a thousand doublings
+        assert len(calls) <= 6
 
 
 @pytest.mark.parametrize('budget', [0.0, -0.5, math.nan, math.inf])
