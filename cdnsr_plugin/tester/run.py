@@ -194,16 +194,14 @@ def decide(setting: Setting,
         return torch.full((n, ), num_classes - 1, dtype=torch.long), None
     if router_labels is not None:
         return router_labels, None
-    if setting.set_budget is not None:
-        if shared is None:
-            raise ValueError(f'setting {setting.name!r}: no eta was solved for this set')
-        costs = [branch.value(convention) for branch in table.branches]
-        return cost_aware_labels(logits, costs, shared.eta), float(shared.eta)
     if setting.budget is not None:
         solution = solve_budget(logits, table.per_class(convention), table.largest(convention), setting.budget)
         return solution.labels, float(solution.eta)
+    if setting.set_budget is not None and shared is None:
+        raise ValueError(f'setting {setting.name!r}: no eta was solved for this set')
+    eta = shared.eta if setting.set_budget is not None else (setting.eta or 0.0)
     costs = [branch.value(convention) for branch in table.branches]
-    return cost_aware_labels(logits, costs, setting.eta or 0.0), float(setting.eta or 0.0)
+    return cost_aware_labels(logits, costs, eta), float(eta)
 
 
 def flops_of(setting: Setting, counts: list[int], table: CostTable, router_cost: Optional[dict[str, float]],
