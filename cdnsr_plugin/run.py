@@ -26,7 +26,8 @@ from cdnsr_plugin import weights
 def describe(name: str) -> str:
     info = weights.manifest(name)
     figures = info.get('figures', {})
-    lines = [f"{name}: {info.get('description', '')}", f'  routing: {weights.routing(name)}']
+    default = ' (default)' if name == weights.DEFAULT_MODEL else ''
+    lines = [f"{name}{default}: {info.get('description', '')}", f'  routing: {weights.routing(name)}']
     if figures:
         photos = figures.get('photos', 'the held-out photos')
         lines.append(f"  on {photos}: routed {figures['psnr_routed']:.3f} dB (Y) vs "

@@ -48,6 +48,14 @@ def test_the_manifest_psnr_is_reproduced_on_the_check_photo(name, tmp_path):
     assert abs(psnr['backbone-full'] - info['check']['psnr_y_backbone_full']) <= 0.01
 
 
+def test_the_list_names_every_shipped_model_and_marks_the_default_once(capsys):
+    assert cdnsr_sr(['--list']) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(' ')]
+    assert sorted(line.split(':')[0].removesuffix(' (default)') for line in heads) == SHIPPED
+    assert [line.split(':')[0] for line in heads
+            if '(default)' in line.split(':')[0]] == [f'{weights.DEFAULT_MODEL} (default)']
+
+
 def test_a_damaged_weight_file_is_named(tmp_path, monkeypatch, capsys):
     folder = tmp_path / 'weights'
     shutil.copytree(weights.FOLDER, folder, ignore=shutil.ignore_patterns('__pycache__', '*.py'))
