@@ -1,7 +1,7 @@
 """The one place that bridges gaps between the PyPI release basicsr 1.4.2 and current packages.
 
 Nothing else in the plugin monkey-patches third-party code. Importing ``cdnsr_plugin`` applies only the
-first bridge below, without which basicsr cannot be imported at all; the other three change basicsr's
+first bridge below, without which basicsr cannot be imported at all; the others change basicsr's
 behaviour and are applied by ``patch_basicsr()``, which only the places that run basicsr's pipelines call:
 the plugin's entries (``python -m cdnsr_plugin.train`` / ``.test``, ``cdnsr-train``, ``cdnsr-test``) and the
 start-up hook when the program is BasicSR's own ``basicsr/train.py`` or ``basicsr/test.py``
@@ -30,6 +30,13 @@ installed) gets basicsr unchanged apart from the registrations.
   name beside the target (``.<name>.<pid>.tmp``, which no BasicSR scan picks up), syncs it and renames it
   over the target: a checkpoint is either the old file or the complete new one (temporary files of killed
   processes are removed at the next save). Everything else is torch.
+* ``full_epochs`` (basicsr 1.4.2): ``create_train_val_dataloader`` counts ``ceil(N / batch)`` iterations per
+  epoch but its loader drops the last partial batch, so a run whose data is not a multiple of the batch ends
+  before ``total_iter``, its last stage cut short, with no warning. ``build_dataloader`` (in ``basicsr.data`` and
+  where ``basicsr.train`` imported it) gives the training loader ``utils.batches.IterationBatchSampler``, which
+  yields exactly the counted iterations per epoch and sizes each batch by its iteration's stage
+  (``train.stages[i].batch_size_per_gpu``; BasicSR's own models have one size). Loaders built without BasicSR's
+  ``EnlargedSampler`` and validation loaders are BasicSR's own.
 * ``cpu_distributed`` (basicsr 1.4.2, machines without CUDA): basicsr's ``_init_dist_pytorch`` divides
   the rank by the GPU count and sets a CUDA device. Without CUDA, the process group is initialised with
   the ``gloo`` backend instead (``torchrun --nproc_per_node 2 -m cdnsr_plugin.train ... --launcher
@@ -275,11 +282,50 @@ def cpu_distributed() -> None:
     dist_util._init_dist_pytorch = _init_dist_pytorch
 
 
+def _loader_kwargs(loader) -> dict:
+    """What ``basicsr.data.build_dataloader`` gave ``loader`` besides its dataset, batching and sampler."""
+    kwargs = dict(
+        num_workers=loader.num_workers,
+        worker_init_fn=loader.worker_init_fn,
+        pin_memory=loader.pin_memory,
+        persistent_workers=loader.persistent_workers)
+    if hasattr(loader, 'num_prefetch_queue'):  # basicsr's PrefetchDataLoader (prefetch_mode: cpu)
+        kwargs['num_prefetch_queue'] = loader.num_prefetch_queue
+    return kwargs
+
+
+def full_epochs() -> None:
+    """Give BasicSR's training loaders ``IterationBatchSampler`` (see module doc; idempotent)."""
+    import basicsr.data
+    import basicsr.train
+    from basicsr.data.data_sampler import EnlargedSampler
+
+    from cdnsr_plugin.utils.batches import IterationBatchSampler, iterations_per_epoch
+    if getattr(basicsr.data.build_dataloader, '_cdnsr_full_epochs', False):
+        return
+    original = basicsr.data.build_dataloader
+
+    def build_dataloader(dataset, dataset_opt, num_gpu=1, dist=False, sampler=None, seed=None):
+        loader = original(dataset, dataset_opt, num_gpu=num_gpu, dist=dist, sampler=sampler, seed=seed)
+        if dataset_opt.get('phase') != 'train' or not isinstance(sampler, EnlargedSampler):
+            return loader
+        per_gpu = int(dataset_opt['batch_size_per_gpu'])
+        multiplier = 1 if dist or num_gpu == 0 else num_gpu
+        batches = IterationBatchSampler(sampler, loader.batch_size, iterations_per_epoch(len(sampler), per_gpu),
+                                        multiplier)
+        return type(loader)(dataset=dataset, batch_sampler=batches, **_loader_kwargs(loader))
+
+    build_dataloader._cdnsr_full_epochs = True  # type: ignore[attr-defined]
+    basicsr.data.build_dataloader = build_dataloader
+    basicsr.train.build_dataloader = build_dataloader
+
+
 def patch_basicsr() -> None:
-    """Apply ``use_safe_yaml``, ``cpu_resume``, ``atomic_checkpoints`` and ``cpu_distributed`` (idempotent). Called
-    by the entries that run basicsr's pipelines and by the start-up hook for BasicSR's own scripts; see the
-    module docstring."""
+    """Apply ``use_safe_yaml``, ``cpu_resume``, ``atomic_checkpoints``, ``full_epochs`` and ``cpu_distributed``
+    (idempotent). Called by the entries that run basicsr's pipelines and by the start-up hook for BasicSR's own
+    scripts; see the module docstring."""
     use_safe_yaml()
     cpu_resume()
     atomic_checkpoints()
+    full_epochs()
     cpu_distributed()

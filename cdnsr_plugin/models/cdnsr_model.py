@@ -18,6 +18,7 @@ from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table
 from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
 from cdnsr_plugin.models.stages import Stage, parse_stages, stage_at
 from cdnsr_plugin.registry import register
+from cdnsr_plugin.utils.batches import IterationBatchSampler
 from cdnsr_plugin.utils.checkpoint import load_parts, part_paths
 
 CLASSIFIER_INPUTS = ('probs', 'weights')  # what a loss needs the classifier for
@@ -76,7 +77,8 @@ class CDNSRModel(SRModel):
     (stages, losses, part loading), ``feed_data`` (labels), ``optimize_parameters``, ``test`` (routed
     inference through ``RoutedEngine``, the executor ``tools/test_patches.py`` uses, with the classifier's
     argmax; every pixel covered), ``nondist_validation`` (adds routing statistics),
-    ``model_to_device`` (DDP on CPU too) and ``save`` (checks that DDP ranks hold the same weights).
+    ``model_to_device`` (DDP on CPU too), ``resume_training`` (tells the batch sampler where the loop restarts)
+    and ``save`` (checks that DDP ranks hold the same weights).
 
     Extra ``path`` keys: ``pretrain_network_classifier``, ``pretrain_network_branch0`` ... (a plain
     BasicSR checkpoint such as MSRResNet's fits a branch of that arch), ``param_key_parts``,
@@ -127,9 +129,30 @@ class CDNSRModel(SRModel):
             self.net_g_ema.eval()
         self.net_g.train()
         self._stage: Optional[Stage] = None
+        self._batches = self._link_batches()
         self.setup_optimizers()
         self._fill_scheduler_periods(train_opt)
         self.setup_schedulers()
+
+    def _link_batches(self) -> Optional[IterationBatchSampler]:
+        """Hand the stages' batch sizes to the training loader's batch sampler (``utils/batches.py``), which BasicSR
+        built before this model. ``None`` without one (a model built outside BasicSR's training pipeline): then a
+        stage's ``batch_size_per_gpu`` cannot be honoured and is an error."""
+        batches = IterationBatchSampler.current(self.opt['datasets']['train'])
+        if batches is None:
+            sized = [f'train.stages[{stage.index}].batch_size_per_gpu' for stage in self.stages if stage.batch_size]
+            if sized:
+                raise ValueError(f'{", ".join(sized)} needs the training loader of python -m cdnsr_plugin.train (or '
+                                 "of BasicSR's train.py with the plugin installed), which sizes batches by stage")
+            return None
+        batches.set_stage_sizes([(stage.start, stage.batch_size) for stage in self.stages])
+        return batches
+
+    def resume_training(self, resume_state: dict) -> None:
+        """BasicSR's resume, and the batch sampler told where the loop restarts (it sizes batches by iteration)."""
+        super().resume_training(resume_state)
+        if self._batches is not None:
+            self._batches.resume(resume_state['epoch'], resume_state['iter'])
 
     def _build_losses(self, loss_opts: dict) -> tuple[dict[str, torch.nn.Module], list[str]]:
         losses, errors = {}, []
@@ -188,10 +211,11 @@ class CDNSRModel(SRModel):
 
     def optimize_parameters(self, current_iter: int) -> None:
         stage = stage_at(self.stages, current_iter)
+        self._check_batch(current_iter)
         if stage is not self._stage:
             get_root_logger().info(f'Stage {stage.index + 1}/{len(self.stages)} "{stage.name}" from iter '
                                    f'{stage.start} to {stage.end}: training {", ".join(stage.train)}, '
-                                   f'routing {stage.routing}, losses {stage.losses}')
+                                   f'routing {stage.routing}, losses {stage.losses}, {self._batch_note()}')
             if current_iter == stage.start and stage.prune:
                 self._prune_branches()
             if current_iter == stage.start and stage.index > 0:
@@ -218,6 +242,23 @@ class CDNSRModel(SRModel):
         self.log_dict.update(self._routing_log(stage, batch['probs'], tau))
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+
+    def _check_batch(self, current_iter: int) -> None:
+        """The batch must be the one the sampler planned for this iteration (a stage's ``batch_size_per_gpu``)."""
+        if self._batches is not None and self.lq.shape[0] != self._batches.size_at(current_iter):
+            raise RuntimeError(f'iteration {current_iter} got a batch of {self.lq.shape[0]} samples but its stage '
+                               f'asks for {self._batches.size_at(current_iter)}: the training loader is not the one '
+                               'compat.full_epochs builds (train with python -m cdnsr_plugin.train)')
+
+    def _batch_note(self) -> str:
+        """``batch N`` (this process), and under DDP the global batch (all ranks change stage together)."""
+        from mmengine import dist
+        local = self.lq.shape[0]
+        if dist.get_world_size() == 1:
+            return f'batch {local}'
+        total = torch.tensor(float(local), device=self.device)
+        dist.all_reduce(total, op='sum')
+        return f'batch {local} per process, {int(total.item())} in all'
 
     def _last_good(self) -> str:
         """Where the last good weights are, for the message of a stop (none saved yet: say so)."""

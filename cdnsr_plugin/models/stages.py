@@ -30,7 +30,11 @@ stage as ``max(min, start * (1 - t / T))`` (CDNSR: ``max(0.4, 1 - t/T)``). ``pru
 stage's first iteration, every branch but the largest by the largest one channel-pruned to that branch's
 width (``archs/pruning.py``, CDNSR Sec. III-A), so the stage fine-tunes pruned branches. ``lr`` sets the
 stage's starting learning rate (default: ``train.optim_g.lr``), e.g. ClassSR's 1e-3 for pre-training the
-branches and 2e-4 for the classifier.
+branches and 2e-4 for the classifier. ``batch_size_per_gpu`` sets the stage's batch (default:
+``datasets.train.batch_size_per_gpu``), e.g. ClassSR's 16 for the branches and 96 for the classifier, whose
+Average-Loss balances the classes within a batch: the one training loader sizes every batch by its iteration's
+stage (``utils/batches.py``), so a resumed run continues at the right size, and under DDP every rank takes that
+many (the global batch, which the Average-Loss balances, is the world size times it).
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ class Stage:
     tau: Optional[tuple[float, float]] = None
     prune: bool = False
     lr: Optional[float] = None
+    batch_size: Optional[int] = None
 
     @property
     def end(self) -> int:
@@ -115,6 +120,9 @@ def _stage_errors(raw: Any, i: int, loss_names: set[str]) -> list[str]:
     lr = raw.get('lr')
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float('inf')):
         errors.append(f'{key}.lr must be a positive learning rate, got {lr!r}')
+    batch = raw.get('batch_size_per_gpu')
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        errors.append(f'{key}.batch_size_per_gpu must be a positive integer, got {batch!r}')
     return errors
 
 
@@ -134,7 +142,9 @@ def parse_stages(train_opt: dict, loss_names: set[str]) -> tuple[list[Stage], li
         losses = {key: float(weight) for key, weight in raw['losses'].items()}
         train = tuple(raw.get('train', DEFAULT_TRAIN[name]))
         lr = float(raw['lr']) if raw.get('lr') is not None else None
-        stages.append(Stage(i, name, start, raw['iters'], train, routing, losses, tau, bool(raw.get('prune')), lr))
+        stages.append(
+            Stage(i, name, start, raw['iters'], train, routing, losses, tau, bool(raw.get('prune')), lr,
+                  raw.get('batch_size_per_gpu')))
         start += raw['iters']
     total = train_opt.get('total_iter')
     if isinstance(total, int) and not isinstance(total, bool) and total != start - 1:
