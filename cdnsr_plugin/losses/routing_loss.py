@@ -182,7 +182,12 @@ class DualFLOPsLoss(nn.Module):
 
     Under DDP the argmax cost is averaged over the ranks before the update, so all ranks hold the same price.
     The price is logged (``price_<name>``) and kept in this module (not in checkpoints: a resumed run restarts
-    it from ``initial_price``).
+    it from ``initial_price``). ``CDNSRModel`` restarts it from ``initial_price`` at the first iteration of every
+    stage that uses the loss (``keep_price: false``, the default), as the papers ran their stages as separate
+    trainings: a price carried from the classifier stage, where the branches were frozen, into fine-tuning after
+    a distillation that lifted the small branches sent every patch to branch 0 and, once the argmax cost was under
+    alpha, fell too slowly to recover (the CDNSR reproduction's M and S ended at the same cost).
+    ``keep_price: true`` carries it over.
 
     Args:
         alpha: budget, a fraction of the backbone's FLOPs per patch, in (0, 1].
@@ -192,6 +197,7 @@ class DualFLOPsLoss(nn.Module):
             [0, 1] images per patch.
         loss_weight: multiplies the loss.
         apply_to: ``sample`` (the routing weights of the forward pass, e.g. the Gumbel sample) or ``probs``.
+        keep_price: carry the price from one stage into the next (default: restart at ``initial_price``).
     """
 
     def __init__(self,
@@ -199,15 +205,22 @@ class DualFLOPsLoss(nn.Module):
                  step: float = 0.005,
                  initial_price: float = 0.01,
                  loss_weight: float = 1.0,
-                 apply_to: str = 'sample') -> None:
+                 apply_to: str = 'sample',
+                 keep_price: bool = False) -> None:
         super().__init__()
         self.alpha = _check_fraction(alpha, 'DualFLOPsLoss', 'alpha')
         if step <= 0 or initial_price <= 0 or apply_to not in ('probs', 'sample'):
             raise ValueError(f"DualFLOPsLoss: step and initial_price must be > 0 and apply_to 'probs' or 'sample', got "
                              f'step={step}, initial_price={initial_price}, apply_to={apply_to!r}')
         self.step, self.loss_weight = float(step), float(loss_weight)
+        self.initial_price, self.keep_price = float(initial_price), bool(keep_price)
         self.register_buffer('price', torch.tensor(float(initial_price), dtype=torch.float64))
         self.routing_inputs = ('weights' if apply_to == 'sample' else 'probs', 'probs', 'costs')
+
+    def start_stage(self) -> None:
+        """A stage that uses this loss begins: restart the price at ``initial_price`` unless ``keep_price``."""
+        if not self.keep_price:
+            self.price.fill_(self.initial_price)
 
     def forward(self, weights: Tensor, probs: Tensor, costs: Union[Tensor, Sequence[float]]) -> Tensor:
         _check_probs(weights, 'DualFLOPsLoss')

@@ -220,6 +220,9 @@ class CDNSRModel(SRModel):
                 self._prune_branches()
             if current_iter == stage.start and stage.index > 0:
                 self._reset_optimizer_state(stage)
+            if current_iter == stage.start:
+                for name in stage.losses:  # e.g. DualFLOPsLoss restarts its price (its keep_price option)
+                    getattr(self.losses[name], 'start_stage', lambda: None)()
             self._stage = stage
         self.optimizer_g.zero_grad(set_to_none=True)
         tau = stage.tau_at(current_iter)

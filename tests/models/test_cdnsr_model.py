@@ -309,3 +309,21 @@ def test_stages_that_route_without_the_classifier_refuse_classifier_losses(tmp_p
     train = stages_of({'name': 'pretrain', 'iters': 1, 'routing': 'all', 'prune': True, 'losses': {'pixel': 1}})
     with pytest.raises(ValueError, match='share one prunable arch'):
         build_model(model_opt(tmp_path, training_data[0], train, network=carn))
+
+
+@pytest.mark.parametrize('keep_price', [False, True])
+def test_the_dual_price_restarts_at_each_stage_unless_kept(tmp_path, training_data, keep_price):
+    stage = {'name': 'classifier', 'iters': 3, 'routing': 'gumbel', 'losses': {'pixel': 1, 'dual': 1}}
+    train = stages_of(stage, dict(stage))
+    train['losses']['dual'].update(initial_price=0.01, step=5.0, keep_price=keep_price)
+    model = build_model(model_opt(tmp_path, training_data[0], train))
+    dual, prices = model.losses['dual'], [0.01]
+    for current_iter in range(1, 5):
+        model.feed_data(batch(training_data[0], [2, 2, 2, 2]))
+        model.optimize_parameters(current_iter)
+        prices.append(float(dual.price))
+    assert prices[3] != pytest.approx(0.01)  # stage 1 moved it
+    # iteration 4 starts stage 2 and updates the price once, from 0.01 again or from where stage 1 left it
+    hard = model.get_current_log()['flops_hard_pct'] / 100
+    start = prices[3] if keep_price else 0.01
+    assert prices[4] == pytest.approx(start * math.exp(5.0 * (hard - 0.5)), rel=1e-5)
