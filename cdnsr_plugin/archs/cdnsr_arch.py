@@ -193,7 +193,8 @@ class CDNSRNet(nn.Module):
                 labels: Optional[torch.Tensor] = None,
                 frozen: Optional[str] = None,
                 return_outputs: bool = False,
-                return_weights: bool = False) -> tuple[torch.Tensor, ...]:
+                return_weights: bool = False,
+                outputs: Optional[Sequence[torch.Tensor]] = None) -> tuple[torch.Tensor, ...]:
         """SR patches and class probabilities ``softmax(logits)``, shapes (N, C, sh, sw) and (N, M).
 
         Args:
@@ -210,6 +211,9 @@ class CDNSRNet(nn.Module):
             return_weights: also return, last, the (N, M) weights the branches were mixed with: the
                 Gumbel-softmax sample, the soft probabilities, or the one-hot choice (FLOPs terms that
                 act on the sample, as CDNSR's reference code does).
+            outputs: every branch's output on ``x``, computed before (frozen branches only: a stage that trains
+                the classifier reuses them, ``models/branch_cache.py``); mixed or selected instead of running the
+                branches.
 
         Returns:
             ``(sr, probs)``, then ``outputs`` with ``return_outputs``, then ``weights`` with ``return_weights``.
@@ -219,6 +223,9 @@ class CDNSRNet(nn.Module):
         if frozen not in (None, 'classifier', 'branches'):
             raise ValueError(f"frozen must be None, 'classifier' or 'branches', got {frozen!r}")
         grad = torch.is_grad_enabled()
+        if outputs is not None and (frozen != 'branches' or len(outputs) != self.num_classes):
+            raise ValueError(f'outputs: {len(outputs)} precomputed branch outputs need frozen branches and one per '
+                             f'class ({self.num_classes}), got frozen={frozen!r}')
         if labels is not None:
             if mode == 'gumbel':
                 raise ValueError('labels route directly; they cannot be combined with gumbel routing')
@@ -233,10 +240,11 @@ class CDNSRNet(nn.Module):
             weights = F.gumbel_softmax(logits, tau=self.tau if tau is None else tau, hard=self.hard_gumbel)
         else:
             weights = F.one_hot(probs.argmax(dim=1), self.num_classes).to(x.dtype)
-        with torch.set_grad_enabled(grad and frozen != 'branches'):
-            if mode == 'hard' and not return_outputs:
-                sr = self.route(x, probs.argmax(dim=1) if labels is None else labels)
-                return (sr, probs, weights) if return_weights else (sr, probs)
-            outputs = self.branch_outputs(x)
+        if outputs is None:
+            with torch.set_grad_enabled(grad and frozen != 'branches'):
+                if mode == 'hard' and not return_outputs:
+                    sr = self.route(x, probs.argmax(dim=1) if labels is None else labels)
+                    return (sr, probs, weights) if return_weights else (sr, probs)
+                outputs = self.branch_outputs(x)
         sr = self.mix(outputs, weights)
         return (sr, probs) + ((outputs, ) if return_outputs else ()) + ((weights, ) if return_weights else ())

@@ -16,6 +16,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from cdnsr_plugin.archs.pruning import DEFAULT_WIDTHS, WIDTH_KEYS, prunable, prune
 from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table
 from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
+from cdnsr_plugin.models.branch_cache import BranchOutputCache
 from cdnsr_plugin.models.stages import Stage, parse_stages, stage_at
 from cdnsr_plugin.registry import register
 from cdnsr_plugin.utils.batches import IterationBatchSampler
@@ -53,6 +54,14 @@ def stage_input_errors(opt: dict[str, Any], losses: dict[str, torch.nn.Module], 
                 errors.append(f'{key} prunes the branches from the largest one: they must share one prunable arch '
                               f'(FSRCNN, CARN, MSRResNet, EDSR), got {arches}')
     return errors
+
+
+def cache_errors(train_opt: dict) -> list[str]:
+    """``train.branch_cache_gb`` must be a number >= 0 (0 turns the branch-output cache off)."""
+    size = train_opt.get('branch_cache_gb', 4)
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size < float('inf'):
+        return [f'train.branch_cache_gb must be a number of GB >= 0 (0: no cache), got {size!r}']
+    return []
 
 
 @register(MODEL_REGISTRY)
@@ -116,6 +125,7 @@ class CDNSRModel(SRModel):
         self.stages, stage_errors = parse_stages(train_opt, set(train_opt.get('losses') or {}))
         errors += stage_errors + (
             stage_input_errors(self.opt, self.losses, self.stages, self.bare_net) if not stage_errors else [])
+        errors += cache_errors(train_opt)
         if errors:
             raise ValueError('invalid training options (nothing was trained):\n  - ' + '\n  - '.join(errors))
         patch = self.opt['datasets']['train'].get('gt_size', 32 * self.opt['scale']) // self.opt['scale']
@@ -130,6 +140,7 @@ class CDNSRModel(SRModel):
         self.net_g.train()
         self._stage: Optional[Stage] = None
         self._batches = self._link_batches()
+        self.branch_cache = BranchOutputCache(int(float(train_opt.get('branch_cache_gb', 4)) * 2**30))
         self.setup_optimizers()
         self._fill_scheduler_periods(train_opt)
         self.setup_schedulers()
@@ -208,6 +219,7 @@ class CDNSRModel(SRModel):
     def feed_data(self, data: dict[str, Any]) -> None:
         super().feed_data(data)
         self.labels = data['label'].to(self.device) if 'label' in data else None
+        self.keys = data.get('key', data.get('lq_path'))  # sub-image keys (LMDB) for the branch-output cache
 
     def optimize_parameters(self, current_iter: int) -> None:
         stage = stage_at(self.stages, current_iter)
@@ -223,6 +235,7 @@ class CDNSRModel(SRModel):
             if current_iter == stage.start:
                 for name in stage.losses:  # e.g. DualFLOPsLoss restarts its price (its keep_price option)
                     getattr(self.losses[name], 'start_stage', lambda: None)()
+            self.branch_cache.clear()  # the branches may have changed
             self._stage = stage
         self.optimizer_g.zero_grad(set_to_none=True)
         tau = stage.tau_at(current_iter)
@@ -326,11 +339,22 @@ class CDNSRModel(SRModel):
                 tau=tau,
                 frozen=stage.frozen,
                 return_outputs=need_outputs,
-                return_weights=True)
+                return_weights=True,
+                outputs=self._cached_outputs(stage, need_outputs))
         return {
             'sr': result[0], 'probs': result[1], 'outputs': result[2] if need_outputs else None, 'weights': result[-1],
             'gt': gt, 'lq': lq, 'costs': self.branch_costs.to(result[1].dtype)
         }
+
+    def _cached_outputs(self, stage: Stage, need_outputs: bool) -> Optional[list[torch.Tensor]]:
+        """The frozen branches' outputs on the batch from ``branch_cache`` (``models/branch_cache.py``), in a stage
+        that trains only the classifier and mixes (soft, Gumbel) or reads every branch's output; ``None`` where the
+        network must run the branches itself (they learn, the routing is hard, the batch has no keys, or
+        ``train.branch_cache_gb`` is 0)."""
+        usable = stage.frozen == 'branches' and (stage.routing in ('soft', 'gumbel') or need_outputs)
+        if not usable or self.keys is None or self.branch_cache.limit_bytes <= 0:
+            return None
+        return self.branch_cache.outputs(list(self.keys), self.lq, self.bare_net.branch_outputs)
 
     def _label_batch(self, stage: Stage) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs, targets and branch per sample of a stage that routes without the classifier: ``labels`` (the
@@ -362,6 +386,8 @@ class CDNSRModel(SRModel):
             max_prob=float(probs.max(1).values.mean()))
         if tau is not None:
             log['tau'] = tau
+        if self.branch_cache.lookups:
+            log['cache_hits'] = self.branch_cache.hit_rate()
         for name in stage.losses:
             if hasattr(self.losses[name], 'price'):
                 log[f'price_{name}'] = float(self.losses[name].price)
