@@ -194,7 +194,8 @@ class CDNSRNet(nn.Module):
                 frozen: Optional[str] = None,
                 return_outputs: bool = False,
                 return_weights: bool = False,
-                outputs: Optional[Sequence[torch.Tensor]] = None) -> tuple[torch.Tensor, ...]:
+                outputs: Optional[Sequence[torch.Tensor]] = None,
+                hard_gumbel: Optional[bool] = None) -> tuple[torch.Tensor, ...]:
         """SR patches and class probabilities ``softmax(logits)``, shapes (N, C, sh, sw) and (N, M).
 
         Args:
@@ -211,6 +212,8 @@ class CDNSRNet(nn.Module):
             return_weights: also return, last, the (N, M) weights the branches were mixed with: the
                 Gumbel-softmax sample, the soft probabilities, or the one-hot choice (FLOPs terms that
                 act on the sample, as CDNSR's reference code does).
+            hard_gumbel: straight-through one-hot Gumbel weights (``gumbel`` routing); default
+                ``self.hard_gumbel``.
             outputs: every branch's output on ``x``, computed before (frozen branches only: a stage that trains
                 the classifier reuses them, ``models/branch_cache.py``); mixed or selected instead of running the
                 branches.
@@ -237,7 +240,8 @@ class CDNSRNet(nn.Module):
         if mode == 'soft' or labels is not None:
             weights = probs
         elif mode == 'gumbel':
-            weights = F.gumbel_softmax(logits, tau=self.tau if tau is None else tau, hard=self.hard_gumbel)
+            hard = self.hard_gumbel if hard_gumbel is None else hard_gumbel
+            weights = F.gumbel_softmax(logits, tau=self.tau if tau is None else tau, hard=hard)
         else:
             weights = F.one_hot(probs.argmax(dim=1), self.num_classes).to(x.dtype)
         if outputs is None:

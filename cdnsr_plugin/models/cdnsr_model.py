@@ -17,7 +17,7 @@ from cdnsr_plugin.archs.pruning import DEFAULT_WIDTHS, WIDTH_KEYS, prunable, pru
 from cdnsr_plugin.inference.costs import CONVENTIONS, CostTable, cost_table
 from cdnsr_plugin.inference.engine import EngineOptions, RoutedEngine
 from cdnsr_plugin.models.branch_cache import BranchOutputCache
-from cdnsr_plugin.models.stages import Stage, parse_stages, stage_at
+from cdnsr_plugin.models.stages import Stage, parse_stages, stage_at, stage_rate
 from cdnsr_plugin.registry import register
 from cdnsr_plugin.utils.batches import IterationBatchSampler
 from cdnsr_plugin.utils.checkpoint import load_parts, part_paths
@@ -54,6 +54,25 @@ def stage_input_errors(opt: dict[str, Any], losses: dict[str, torch.nn.Module], 
                 errors.append(f'{key} prunes the branches from the largest one: they must share one prunable arch '
                               f'(FSRCNN, CARN, MSRResNet, EDSR), got {arches}')
     return errors
+
+
+class StageCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """The stage schedule's learning rate (``stages.stage_rate``), stepped by BasicSR's loop as its own schedulers
+    are: step ``k - 1`` before iteration ``k``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, stages: list[Stage], eta_min: float) -> None:
+        self.stages, self.eta_min = stages, eta_min
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [stage_rate(self.stages, self.last_epoch + 1, base, self.eta_min) for base in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        """Plain values only (resume states are read with ``weights_only=True``): the stages come from the options."""
+        return {key: value for key, value in super().state_dict().items() if key != 'stages'}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({key: value for key, value in state_dict.items() if key != 'stages'})
 
 
 def cache_errors(train_opt: dict) -> list[str]:
@@ -142,7 +161,6 @@ class CDNSRModel(SRModel):
         self._batches = self._link_batches()
         self.branch_cache = BranchOutputCache(int(float(train_opt.get('branch_cache_gb', 4)) * 2**30))
         self.setup_optimizers()
-        self._fill_scheduler_periods(train_opt)
         self.setup_schedulers()
 
     def _link_batches(self) -> Optional[IterationBatchSampler]:
@@ -174,24 +192,18 @@ class CDNSRModel(SRModel):
                 errors.append(f'train.losses.{name}: {exc}')
         return losses, errors
 
-    def _fill_scheduler_periods(self, train_opt: dict) -> None:
-        """CosineAnnealingRestartLR without ``periods`` restarts at every stage boundary, at each stage's ``lr``.
-
-        BasicSR steps the scheduler before each iteration, so iteration ``k`` runs at the rate of
-        scheduler step ``k - 1``: the first period is one step shorter than the first stage, which puts
-        every restart (full learning rate) exactly on a stage's first iteration. A stage's ``lr`` becomes
-        its period's restart weight (``lr / optim_g.lr``; BasicSR scales ``lr - eta_min`` by it).
-        """
-        scheduler = train_opt.get('scheduler') or {}
-        if scheduler.get('type') == 'CosineAnnealingRestartLR' and 'periods' not in scheduler:
-            base = float(train_opt['optim_g']['lr'])
-            periods = [stage.iters for stage in self.stages]
-            weights = [1.0 if stage.lr is None else stage.lr / base for stage in self.stages]
-            periods[0] -= 1
-            if periods[0] == 0:  # a one-iteration first stage runs at the full rate of the next period
-                periods, weights = periods[1:] or [1], weights[1:] or [1.0]
-            scheduler['periods'] = periods
-            scheduler.setdefault('restart_weights', weights)
+    def setup_schedulers(self) -> None:
+        """``CosineAnnealingRestartLR`` without ``periods``: one cosine per stage (``StageCosineLR``: each stage's
+        ``lr`` and ``lr_period``); with ``periods`` (or another type), BasicSR's own scheduler."""
+        scheduler = self.opt['train'].get('scheduler') or {}
+        if scheduler.get('type') != 'CosineAnnealingRestartLR' or 'periods' in scheduler:
+            return super().setup_schedulers()
+        unknown = set(scheduler) - {'type', 'eta_min'}
+        if unknown:
+            raise ValueError(f'train.scheduler: {sorted(unknown)} need train.scheduler.periods; with stages, give each '
+                             'stage its lr and lr_period instead')
+        eta_min = float(scheduler.get('eta_min', 0))
+        self.schedulers = [StageCosineLR(optimizer, self.stages, eta_min) for optimizer in self.optimizers]
 
     def _load_parts(self) -> None:
         """``path.pretrain_network_classifier`` and ``path.pretrain_network_branch<i>`` (not when resuming).
@@ -255,7 +267,7 @@ class CDNSRModel(SRModel):
         self.optimizer_g.step()
         loss_dict['l_total'] = total
         self.log_dict = self.reduce_loss_dict(loss_dict)
-        self.log_dict.update(self._routing_log(stage, batch['probs'], tau))
+        self.log_dict.update(self._routing_log(stage, batch['probs'], tau, batch['weights']))
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
@@ -340,7 +352,8 @@ class CDNSRModel(SRModel):
                 frozen=stage.frozen,
                 return_outputs=need_outputs,
                 return_weights=True,
-                outputs=self._cached_outputs(stage, need_outputs))
+                outputs=self._cached_outputs(stage, need_outputs),
+                hard_gumbel=stage.hard_gumbel)
         return {
             'sr': result[0], 'probs': result[1], 'outputs': result[2] if need_outputs else None, 'weights': result[-1],
             'gt': gt, 'lq': lq, 'costs': self.branch_costs.to(result[1].dtype)
@@ -370,7 +383,8 @@ class CDNSRModel(SRModel):
         labels = torch.arange(classes, device=self.device).repeat_interleave(batch)
         return self.lq.repeat(classes, 1, 1, 1), self.gt.repeat(classes, 1, 1, 1), labels
 
-    def _routing_log(self, stage: Stage, probs: torch.Tensor, tau: Optional[float]) -> dict[str, float]:
+    def _routing_log(self, stage: Stage, probs: torch.Tensor, tau: Optional[float],
+                     weights: torch.Tensor) -> dict[str, float]:
         """Class shares of the batch (argmax), FLOPs as % of the largest branch both soft (the probabilities'
         expectation, what CDNSR's eq. 2 constrains) and hard (the argmax, what the test runs), the mean largest
         probability (ClassSR's Class-Loss pushes it to 1), tau, and the price of a ``DualFLOPsLoss``."""
@@ -379,6 +393,8 @@ class CDNSRModel(SRModel):
         shares = torch.bincount(choice, minlength=probs.shape[1]).double() / probs.shape[0]
         relative = self.branch_costs / self.branch_costs.max()
         log = {f'cls{j}': float(v) for j, v in enumerate(shares)}
+        # the weight each branch had in what the loss saw (the Gumbel sample, soft probabilities or one-hot labels)
+        log.update({f'mix{j}': float(v) for j, v in enumerate(weights.detach().double().mean(dim=0))})
         log.update(
             stage=float(stage.index + 1),
             flops_pct=100.0 * float((probs.double() @ relative).mean()),

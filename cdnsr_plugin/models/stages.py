@@ -30,7 +30,12 @@ stage as ``max(min, start * (1 - t / T))`` (CDNSR: ``max(0.4, 1 - t/T)``). ``pru
 stage's first iteration, every branch but the largest by the largest one channel-pruned to that branch's
 width (``archs/pruning.py``, CDNSR Sec. III-A), so the stage fine-tunes pruned branches. ``lr`` sets the
 stage's starting learning rate (default: ``train.optim_g.lr``), e.g. ClassSR's 1e-3 for pre-training the
-branches and 2e-4 for the classifier. ``batch_size_per_gpu`` sets the stage's batch (default:
+branches and 2e-4 for the classifier; the rate follows one cosine per stage down to ``scheduler.eta_min`` over
+``lr_period`` iterations (default: the stage's length; ClassSR's classifier stage: 200k iterations of a 500k
+period, ``stage_rate``). ``hard_gumbel`` (``gumbel`` routing) chooses, for the stage, the paper's soft
+Gumbel-softmax weights (false: the temperature shapes the mixture the loss sees, every branch gets a gradient) or
+straight-through one-hot ones (true: each patch trains the branch it draws); default: ``network_g.hard_gumbel``.
+``batch_size_per_gpu`` sets the stage's batch (default:
 ``datasets.train.batch_size_per_gpu``), e.g. ClassSR's 16 for the branches and 96 for the classifier, whose
 Average-Loss balances the classes within a batch: the one training loader sizes every batch by its iteration's
 stage (``utils/batches.py``), so a resumed run continues at the right size, and under DDP every rank takes that
@@ -67,6 +72,8 @@ class Stage:
     prune: bool = False
     lr: Optional[float] = None
     batch_size: Optional[int] = None
+    hard_gumbel: Optional[bool] = None
+    lr_period: Optional[int] = None
 
     @property
     def end(self) -> int:
@@ -120,6 +127,11 @@ def _stage_errors(raw: Any, i: int, loss_names: set[str]) -> list[str]:
     lr = raw.get('lr')
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float('inf')):
         errors.append(f'{key}.lr must be a positive learning rate, got {lr!r}')
+    period = raw.get('lr_period')
+    if period is not None and (isinstance(period, bool) or not isinstance(period, int) or period < 1):
+        errors.append(f'{key}.lr_period must be a positive number of iterations, got {period!r}')
+    if raw.get('hard_gumbel') not in (None, True, False):
+        errors.append(f"{key}.hard_gumbel must be true or false, got {raw.get('hard_gumbel')!r}")
     batch = raw.get('batch_size_per_gpu')
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         errors.append(f'{key}.batch_size_per_gpu must be a positive integer, got {batch!r}')
@@ -144,12 +156,30 @@ def parse_stages(train_opt: dict, loss_names: set[str]) -> tuple[list[Stage], li
         lr = float(raw['lr']) if raw.get('lr') is not None else None
         stages.append(
             Stage(i, name, start, raw['iters'], train, routing, losses, tau, bool(raw.get('prune')), lr,
-                  raw.get('batch_size_per_gpu')))
+                  raw.get('batch_size_per_gpu'), raw.get('hard_gumbel'), raw.get('lr_period')))
         start += raw['iters']
     total = train_opt.get('total_iter')
     if isinstance(total, int) and not isinstance(total, bool) and total != start - 1:
         errors.append(f'train.total_iter is {total} but the stages add up to {start - 1} iterations')
     return stages, errors
+
+
+def stage_rate(stages: list[Stage], current_iter: int, base_lr: float, eta_min: float) -> float:
+    """The learning rate of 1-based ``current_iter``: one cosine per stage from the stage's ``lr`` (default
+    ``base_lr``) towards ``eta_min`` over ``lr_period`` iterations (default: the stage's length, so it reaches
+    ``eta_min`` at the stage's end; longer: it decays less, as ClassSR's classifier stage of 200k iterations under a
+    500k period ends at 65% of its rate).
+
+    The default replays BasicSR's ``CosineAnnealingRestartLR`` with one period per stage, stepped before each
+    iteration as BasicSR's loop does: the first stage runs its rate at its first iteration and ``eta_min`` at its
+    last (period ``iters - 1``); a later stage starts one step into its period (``cos(pi / iters)``).
+    """
+    stage = stage_at(stages, current_iter)
+    step = current_iter - stage.start + (0 if stage.index == 0 else 1)
+    period = stage.lr_period or (stage.iters - 1 if stage.index == 0 else stage.iters)
+    fraction = min(step / period, 1.0) if period > 0 else 0.0
+    top = base_lr if stage.lr is None else stage.lr
+    return eta_min + (top - eta_min) * 0.5 * (1 + math.cos(math.pi * fraction))
 
 
 def stage_at(stages: list[Stage], current_iter: int) -> Stage:

@@ -75,6 +75,23 @@ def test_gumbel_hard_straight_through_selects_one_branch_and_passes_gradients():
     assert net.classifier.lastOut.weight.grad.abs().sum() > 0
 
 
+def test_the_forward_chooses_soft_or_straight_through_gumbel_per_call():
+    """A stage's hard_gumbel overrides the network's: one-hot weights (gradient to the drawn branch only) or the
+    soft sample (every branch gets a gradient, the temperature shapes the mixture)."""
+    net = make_net().train()
+    net.hard_gumbel = True
+    x = torch.rand(6, 3, 32, 32)
+    for hard in (True, False):
+        net.zero_grad()
+        torch.manual_seed(3)
+        sr, _, weights = net(x, routing='gumbel', tau=0.5, hard_gumbel=hard, return_weights=True)
+        assert torch.equal(weights.max(1).values == 1, torch.ones(6, dtype=torch.bool)) == hard
+        sr.mean().backward()
+        reached = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in b.parameters()) for b in net.branches]
+        drawn = set(weights.argmax(1).tolist())
+        assert reached == ([j in drawn for j in range(3)] if hard else [True] * 3)
+
+
 def test_gumbel_soft_weights_sharpen_as_tau_falls():
     net = make_net()
     x = torch.rand(64, 3, 32, 32)

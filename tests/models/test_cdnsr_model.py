@@ -289,7 +289,7 @@ def test_stage_learning_rates_and_hard_flops_in_the_log(tmp_path, training_data)
         model.update_learning_rate(current_iter)
         rates.append(model.get_current_learning_rate()[0])
     first_step = 0.5 * (1 + math.cos(math.pi / 5))  # BasicSR's first step of a 5-iteration period
-    expected = [1e-3] + [1e-7 + lr / 1e-3 * (1e-3 - 1e-7) * first_step for lr in (2e-4, 5e-4)]
+    expected = [1e-3] + [1e-7 + (lr - 1e-7) * first_step for lr in (2e-4, 5e-4)]
     assert [rates[i] for i in (0, 5, 10)] == pytest.approx(expected)  # each stage restarts at its own lr
     model.feed_data(batch(training_data[0], [0, 1, 2, 2]))
     model.optimize_parameters(11)
@@ -327,3 +327,19 @@ def test_the_dual_price_restarts_at_each_stage_unless_kept(tmp_path, training_da
     hard = model.get_current_log()['flops_hard_pct'] / 100
     start = prices[3] if keep_price else 0.01
     assert prices[4] == pytest.approx(start * math.exp(5.0 * (hard - 0.5)), rel=1e-5)
+
+
+def test_a_longer_lr_period_decays_a_stage_less_and_resume_states_stay_plain(tmp_path, training_data):
+    """ClassSR's classifier stage: 200k iterations of a 500k cosine period end at 65% of the rate."""
+    train = stages_of({'name': 'pretrain', 'iters': 4, 'routing': 'backbone', 'losses': {'pixel': 1}},
+                      {'name': 'classifier', 'iters': 10, 'lr': 2e-4, 'lr_period': 25, 'losses': {'oracle': 1}})
+    model = build_model(model_opt(tmp_path, training_data[0], train))
+    rates = []
+    for current_iter in range(1, 15):
+        model.update_learning_rate(current_iter)
+        rates.append(model.get_current_learning_rate()[0])
+    assert rates[3] == pytest.approx(1e-7)  # the first stage's own period ends at eta_min
+    assert rates[13] == pytest.approx(1e-7 + (2e-4 - 1e-7) * 0.5 * (1 + math.cos(math.pi * 10 / 25)))
+    state = model.schedulers[0].state_dict()
+    torch.save(state, tmp_path / 'state.pt')
+    assert torch.load(tmp_path / 'state.pt', weights_only=True)['last_epoch'] == 13
