@@ -75,6 +75,14 @@ class StageCosineLR(torch.optim.lr_scheduler.LRScheduler):
         super().load_state_dict({key: value for key, value in state_dict.items() if key != 'stages'})
 
 
+def floor_errors(train_opt: dict) -> list[str]:
+    """``train.min_branch_weight`` must be a number >= 0."""
+    floor = train_opt.get('min_branch_weight', 1.0)
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float('inf'):
+        return [f'train.min_branch_weight must be a number >= 0 (0: off), got {floor!r}']
+    return []
+
+
 def cache_errors(train_opt: dict) -> list[str]:
     """``train.branch_cache_gb`` must be a number >= 0 (0 turns the branch-output cache off)."""
     size = train_opt.get('branch_cache_gb', 4)
@@ -144,7 +152,7 @@ class CDNSRModel(SRModel):
         self.stages, stage_errors = parse_stages(train_opt, set(train_opt.get('losses') or {}))
         errors += stage_errors + (
             stage_input_errors(self.opt, self.losses, self.stages, self.bare_net) if not stage_errors else [])
-        errors += cache_errors(train_opt)
+        errors += cache_errors(train_opt) + floor_errors(train_opt)
         if errors:
             raise ValueError('invalid training options (nothing was trained):\n  - ' + '\n  - '.join(errors))
         patch = self.opt['datasets']['train'].get('gt_size', 32 * self.opt['scale']) // self.opt['scale']
@@ -263,7 +271,8 @@ class CDNSRModel(SRModel):
                 f'training stopped: the loss is {total.item()} at iter {current_iter} (stage {stage.name}, '
                 f'{ {k: v.item() for k, v in loss_dict.items()} }); nothing was updated. {self._last_good()}')
         total.backward()
-        self._skip_unreached_branches()
+        reads_outputs = any('outputs' in routing_inputs(self.losses[name]) for name in stage.losses)
+        self._skip_unreached_branches(batch['weights'], teacher_only=reads_outputs)
         self.optimizer_g.step()
         loss_dict['l_total'] = total
         self.log_dict = self.reduce_loss_dict(loss_dict)
@@ -296,8 +305,12 @@ class CDNSRModel(SRModel):
             return f'No checkpoint was saved yet (in {folder}): lower the learning rate or check the data and losses'
         return f'The last good checkpoint is {saved[-1]}'
 
-    def _skip_unreached_branches(self) -> None:
-        """A branch whose gradients are all exactly zero this iteration gets no update.
+    def _skip_unreached_branches(self, weights: Optional[torch.Tensor] = None, teacher_only: bool = False) -> None:
+        """A branch whose gradients are all exactly zero this iteration gets no update, nor one whose routing weights
+        over the batch sum to less than ``train.min_branch_weight`` (default 1: one sample's worth, which with one-hot
+        routing is "no sample"; 0 turns this part off). ``teacher_only``: a loss reads every branch's output
+        (distillation), which trains the smaller branches directly, so the floor applies to the largest branch only,
+        the teacher the distillation losses detach.
 
         With one-hot routing (straight-through Gumbel, hard) a branch that no sample went through has exactly
         zero gradients (unless a loss reads its outputs directly, e.g. distillation), and Adam would still step
@@ -306,11 +319,28 @@ class CDNSRModel(SRModel):
         classifier sampled the backbone on a few patches: the unused backbone fell from 30.95 to 28.06 dB on a
         validation photo (docs/RESULTS.md). Its gradients set to ``None``, Adam skips it (moments and weight
         decay included). Under DDP the gradients are already averaged over the ranks, so all decide alike.
+
+        The weight floor is the same drift with the paper's soft Gumbel weights: a branch the classifier has all but
+        abandoned gets gradients of its weight (1e-9 and less in the CDNSR recipe's fine-tuning) times the mixture's,
+        which Adam normalises into full-size steps that fit the mixture's residual, not the target: the unused
+        backbone fell from 32.75 to 29.71 dB on the simplest validation tiles (docs/RESULTS.md); in distillation the
+        students follow the drifting teacher. Under DDP the weight sums are summed over the ranks first.
         """
-        for branch in self.bare_net.branches:
+        floor = float(self.opt['train'].get('min_branch_weight', 1.0))
+        sums = None
+        if weights is not None and floor > 0:
+            sums = weights.detach().double().sum(dim=0)
+            from mmengine import dist
+            if dist.get_world_size() > 1:
+                dist.all_reduce(sums, op='sum')
+            sums = sums.tolist()
+        branches = self.bare_net.branches
+        for j, branch in enumerate(branches):
             grads = [p.grad for p in branch.parameters() if p.grad is not None]
             # one device sync per branch, not per parameter
-            if grads and torch.stack([g.detach().abs().amax() for g in grads]).amax().item() == 0:
+            unreached = grads and torch.stack([g.detach().abs().amax() for g in grads]).amax().item() == 0
+            floored = sums is not None and sums[j] < floor and (not teacher_only or j == len(branches) - 1)
+            if grads and (unreached or floored):
                 for param in branch.parameters():
                     param.grad = None
 

@@ -163,7 +163,7 @@ def _schedule_errors(train: dict) -> list[str]:
 def _routed_errors(opt: dict, train: dict, net: Optional[torch.nn.Module]) -> list[str]:
     from basicsr.losses import build_loss
 
-    from cdnsr_plugin.models.cdnsr_model import cache_errors, stage_input_errors
+    from cdnsr_plugin.models.cdnsr_model import cache_errors, floor_errors, stage_input_errors
     loss_opts = train.get('losses')
     if not isinstance(loss_opts, dict) or not loss_opts:
         return ['train.losses must map loss names to their options, e.g. losses: {pixel: {type: L1Loss}}']
@@ -177,7 +177,7 @@ def _routed_errors(opt: dict, train: dict, net: Optional[torch.nn.Module]) -> li
         except Exception as exc:  # noqa: BLE001
             errors.append(f'train.losses.{name}: {exc}')
     stages, stage_errors = parse_stages(train, set(loss_opts))  # failed losses are configured: not "missing"
-    errors += stage_errors + cache_errors(train)
+    errors += stage_errors + cache_errors(train) + floor_errors(train)
     if not stage_errors and net is not None and set(losses) == set(loss_opts):
         errors += stage_input_errors(opt, losses, stages, net)
     return errors

@@ -343,3 +343,49 @@ def test_a_longer_lr_period_decays_a_stage_less_and_resume_states_stay_plain(tmp
     state = model.schedulers[0].state_dict()
     torch.save(state, tmp_path / 'state.pt')
     assert torch.load(tmp_path / 'state.pt', weights_only=True)['last_epoch'] == 13
+
+
+def test_a_branch_the_soft_gumbel_weights_all_but_abandon_does_not_move(tmp_path, training_data):
+    """The paper's soft Gumbel weights: a branch whose weight is ~1e-9 gets gradients that small, which Adam would
+    normalise into full-size steps (the drift of CDNSR's unused backbone in fine-tuning); below
+    ``train.min_branch_weight`` (summed over the batch) it is not stepped, and with the floor at 0 it is."""
+    train_set, _ = training_data
+    moved = {}
+    for floor in (1.0, 0):
+        train = {
+            'optim_g': {'type': 'Adam', 'lr': 1e-2}, 'total_iter': 2, 'min_branch_weight': floor,
+            'scheduler': {'type': 'CosineAnnealingRestartLR', 'eta_min': 1e-7}, 'losses': {'pixel': {'type': 'L1Loss'}},
+            'stages': [{'name': 'finetune', 'iters': 2, 'routing': 'gumbel', 'tau': [1.0, 1.0], 'losses': {'pixel': 1}}]
+        }
+        model = build_model(model_opt(tmp_path / str(floor), train_set, train, dict(FSRCNN_NET, hard_gumbel=False)))
+        net = model.bare_net
+        with torch.no_grad():  # branch 2 gets a weight of about exp(-25) ~ 1e-11 per sample
+            net.classifier.lastOut.bias.copy_(torch.tensor([12.5, 12.5, -12.5]))
+        before = snapshot(net.branches[2]), snapshot(net.branches[0])
+        model.feed_data(batch(train_set, [0, 1, 2, 2]))
+        model.optimize_parameters(1)
+        assert changed(before[1], net.branches[0])  # the branches the batch goes through learn either way
+        moved[floor] = changed(before[0], net.branches[2])
+    assert moved == {1.0: False, 0: True}
+
+
+def test_in_distillation_the_floor_holds_the_teacher_and_the_students_still_learn(tmp_path, training_data):
+    """PixelKDLoss trains every smaller branch towards the larger ones' detached outputs, whatever their routing
+    weight; the largest branch, the teacher, gets only the mixture's tiny gradient and must not drift (the students
+    would follow it)."""
+    train_set, _ = training_data
+    train = {
+        'optim_g': {'type': 'Adam',
+                    'lr': 1e-2}, 'total_iter': 1, 'scheduler': {'type': 'CosineAnnealingRestartLR', 'eta_min': 1e-7},
+        'losses': {'pixel': {'type': 'L1Loss'}, 'kd': {'type': 'PixelKDLoss'}}, 'stages': [{
+            'name': 'distill', 'iters': 1, 'routing': 'gumbel', 'tau': [1.0, 1.0], 'losses': {'pixel': 1, 'kd': 1}
+        }]
+    }
+    model = build_model(model_opt(tmp_path, train_set, train, dict(FSRCNN_NET, hard_gumbel=False)))
+    net = model.bare_net
+    with torch.no_grad():  # the batch goes (softly) to branch 1; branches 0 and 2 get weights of about 1e-11
+        net.classifier.lastOut.bias.copy_(torch.tensor([-12.5, 12.5, -12.5]))
+    before = [snapshot(branch) for branch in net.branches]
+    model.feed_data(batch(train_set, [0, 1, 2, 2]))
+    model.optimize_parameters(1)
+    assert [changed(b, branch) for b, branch in zip(before, net.branches)] == [True, True, False]
