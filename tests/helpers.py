@@ -119,7 +119,7 @@ def demo_options(name: str,
                  stage_iters: int = 2,
                  checkpoint_every: int = 1000) -> dict:
     """``options/demo/<name>`` pointed at the test data, with ``stage_iters`` iterations per stage (two
-    stages' worth for a single-stage file), batch 8, one validation at the end, no tensorboard."""
+    stages' worth for a single-stage file), batch 8 in every stage, one validation at the end, no tensorboard."""
     opt = load_options(REPO / 'options' / 'demo' / name)
     opt['name'] = run_name
     lmdb = opt['datasets']['train']['io_backend']['type'] == 'lmdb'
@@ -128,6 +128,8 @@ def demo_options(name: str,
         train=(train_set / LQ_LMDB, train_set / GT_LMDB) if lmdb else None,
         val=(val_set / 'LR_bicubic' / 'X4', val_set / 'HR'),
         batch=8)
+    for stage in opt['train'].get('stages') or []:
+        stage.pop('batch_size_per_gpu', None)
     set_schedule(opt, stage_iters if opt['train'].get('stages') else stage_iters * 2)
     # validate once, at the end (BasicSR always does)
     set_logging(opt, print_freq=1, checkpoint_freq=checkpoint_every, val_freq=10**6, tensorboard=False)

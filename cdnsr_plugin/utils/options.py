@@ -41,7 +41,8 @@ def set_data(opt: dict[str, Any],
 def set_schedule(opt: dict[str, Any], iters: Sequence[int] | int) -> int:
     """Set the training length; returns ``total_iter``.
 
-    With ``train.stages`` (CDNSRModel): ``iters`` is one count per stage, or one count for every stage.
+    With ``train.stages`` (CDNSRModel): ``iters`` is one count per stage, or one count for every stage; a stage's
+    ``lr_period`` keeps its ratio to the stage's length (ClassSR's classifier stage: 2.5 x its length).
     Without (BasicSR's SRModel): ``iters`` is the total, and a ``periods`` scheduler gets one period.
     """
     train = opt['train']
@@ -51,6 +52,8 @@ def set_schedule(opt: dict[str, Any], iters: Sequence[int] | int) -> int:
         if len(counts) != len(stages):
             raise ValueError(f'{len(counts)} stage lengths for {len(stages)} stages')
         for stage, count in zip(stages, counts):
+            if stage.get('lr_period'):
+                stage['lr_period'] = max(round(stage['lr_period'] * count / stage['iters']), 1)
             stage['iters'] = count
         total = sum(counts)
     else:

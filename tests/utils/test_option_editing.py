@@ -26,3 +26,16 @@ def test_schedule_of_a_single_stage_file_sets_the_scheduler_period():
     opt = load_options(REPO / 'options' / 'demo' / 'train_FSRCNN_demo.yml')
     assert set_schedule(opt, 40) == 40
     assert opt['train']['total_iter'] == 40 and opt['train']['scheduler']['periods'] == [40]
+
+
+def test_a_stage_lr_period_keeps_its_ratio_to_the_stage_when_the_schedule_changes():
+    """ClassSR's classifier stage decays over 2.5 x its length (the reference's 200k of a 500k period): a shorter
+    or longer run keeps that shape instead of a fixed period that would decay a short stage not at all."""
+    opt = load_options(REPO / 'options' / 'demo' / 'train_ClassSR_FSRCNN_demo.yml')
+    stages = opt['train']['stages']
+    ratio = stages[1]['lr_period'] / stages[1]['iters']
+    assert ratio == 2.5 and 'lr_period' not in stages[2]
+    set_schedule(opt, [10, 40, 7])
+    assert stages[1]['lr_period'] == 100 and 'lr_period' not in stages[2]
+    set_schedule(opt, 3)
+    assert stages[1]['lr_period'] == 8  # 2.5 x 3, rounded
