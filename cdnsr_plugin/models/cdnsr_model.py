@@ -75,20 +75,22 @@ class StageCosineLR(torch.optim.lr_scheduler.LRScheduler):
         super().load_state_dict({key: value for key, value in state_dict.items() if key != 'stages'})
 
 
+def _nonnegative_errors(train_opt: dict, key: str, default: float, what: str) -> list[str]:
+    """``train.<key>`` (default ``default``) must be a finite number >= 0; ``what`` completes the message."""
+    value = train_opt.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float('inf'):
+        return [f'train.{key} must be {what}, got {value!r}']
+    return []
+
+
 def floor_errors(train_opt: dict) -> list[str]:
     """``train.min_branch_weight`` must be a number >= 0."""
-    floor = train_opt.get('min_branch_weight', 1.0)
-    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float('inf'):
-        return [f'train.min_branch_weight must be a number >= 0 (0: off), got {floor!r}']
-    return []
+    return _nonnegative_errors(train_opt, 'min_branch_weight', 1.0, 'a number >= 0 (0: off)')
 
 
 def cache_errors(train_opt: dict) -> list[str]:
     """``train.branch_cache_gb`` must be a number >= 0 (0 turns the branch-output cache off)."""
-    size = train_opt.get('branch_cache_gb', 4)
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size < float('inf'):
-        return [f'train.branch_cache_gb must be a number of GB >= 0 (0: no cache), got {size!r}']
-    return []
+    return _nonnegative_errors(train_opt, 'branch_cache_gb', 4, 'a number of GB >= 0 (0: no cache)')
 
 
 @register(MODEL_REGISTRY)
@@ -271,8 +273,8 @@ class CDNSRModel(SRModel):
                 f'training stopped: the loss is {total.item()} at iter {current_iter} (stage {stage.name}, '
                 f'{ {k: v.item() for k, v in loss_dict.items()} }); nothing was updated. {self._last_good()}')
         total.backward()
-        reads_outputs = any('outputs' in routing_inputs(self.losses[name]) for name in stage.losses)
-        self._skip_unreached_branches(batch['weights'], teacher_only=reads_outputs)
+        # a loss read every branch's output (_forward computed them for it): distillation
+        self._skip_unreached_branches(batch['weights'], teacher_only=batch['outputs'] is not None)
         self.optimizer_g.step()
         loss_dict['l_total'] = total
         self.log_dict = self.reduce_loss_dict(loss_dict)
