@@ -2,7 +2,7 @@
 
     cdnsr-sr photo.png                         # results/cdnsr_carn_x4/photo/: SR image, class map, report
     cdnsr-sr photos/ --out sr/                 # every image of the folder
-    cdnsr-sr photos/ --gt hr/ --compare-backbone   # PSNR, and the backbone on the whole image beside it
+    cdnsr-sr photos/ --gt hr/ --compare-backbone   # PSNR, and the backbone (whole image, exact tiles) beside it
     cdnsr-sr photos/ --set-budget 0.4          # the cost knob over the folder: cheaper, a little lower quality
     cdnsr-sr photos/ --argmax                  # the classifier's own decision instead of the model's routing
     cdnsr-sr --list                            # the shipped models and their measured figures
@@ -30,9 +30,14 @@ def describe(name: str) -> str:
     lines = [f"{name}{default}: {info.get('description', '')}", f'  routing: {weights.routing(name)}']
     if figures:
         photos = figures.get('photos', 'the held-out photos')
+        rgb = ''
+        if figures.get('psnr_rgb_routed') is not None:
+            rgb = f" (RGB {figures['psnr_rgb_routed']:.3f} vs {figures['psnr_rgb_backbone_full']:.3f} dB)"
+        speed = (f"{figures['time_ratio_fastest']:.2f}x the time of the faster backbone run (whole image or tiles)"
+                 if 'time_ratio_fastest' in figures else f"{figures['time_ratio']:.2f}x its time on the whole image")
         lines.append(f"  on {photos}: routed {figures['psnr_routed']:.3f} dB (Y) vs "
-                     f"{figures['psnr_backbone_full']:.3f} dB for its backbone on the whole image, "
-                     f"{figures['executed_flops_pct']:.1f}% of its FLOPs, {figures['time_ratio']:.2f}x its time")
+                     f"{figures['psnr_backbone_full']:.3f} dB for its backbone on the whole image{rgb}, "
+                     f"{figures['executed_flops_pct']:.1f}% of its FLOPs, {speed}")
     return '\n'.join(lines)
 
 
@@ -56,8 +61,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         '--compare-backbone',
         action='store_true',
-        help='also run the backbone on the whole image '
-        '(and patch-wise) and print quality, FLOPs and time side by side')
+        help='also run the backbone on the whole image, in tiles with exact context (the same image, often faster) '
+        'and patch-wise, and print quality, FLOPs and time side by side (time against the faster backbone run)')
     p.add_argument('--device', help='cpu, cuda or auto (default auto)')
     p.add_argument('--threads', type=int, help="CPU threads (default: torch's choice)")
     p.add_argument('--overwrite', action='store_true', help="replace an earlier run's results in --out")

@@ -14,6 +14,9 @@ median of ``--runs`` runs, in this order, on the same input and labels:
   (32/28, overlaps averaged), whatever ``--tiling`` the routed run uses.
 * ``backbone full``: the largest branch on the whole image (``--skip-full`` for 8K inputs: its feature
   maps need tens of GB).
+* ``backbone tiled``: the largest branch on non-overlapping tiles with its exact receptive radius of context
+  (``inference.tiled``: the same image as ``backbone full``); tile side by the measured rule, or ``--tile``.
+  The speed baseline is the faster of ``backbone full`` and ``backbone tiled`` (column ``t/fast``).
 * ``per-patch loop`` (``--loop``): ClassSR's tester, one tile per forward pass, same labels;
 * the classifier alone (its share of the routed time is printed: where the time goes).
 
@@ -54,6 +57,7 @@ from cdnsr_plugin.utils.timing import measure
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--network', type=Path, required=True, help='option file with network_g (a CDNSRNet)')
+    parser.add_argument('--tile', type=int, help='LR tile side of the tiled backbone (default: the measured rule)')
     parser.add_argument('--checkpoint', type=Path, help='weights (default: random; timings do not depend on them)')
     parser.add_argument('--images', type=Path, required=True, help='folder of photos')
     parser.add_argument('--limit', type=int, default=2, help='number of photos (default 2)')
@@ -146,6 +150,11 @@ def bench_image(engine: RoutedEngine, paper: RoutedEngine, table, coefficients, 
         row['full_s'], row['full_peak_mb'] = timed(lambda: engine.backbone_full(lr), runs, device)
         full = full_image_cost(build_network(dict(engine.net.branch_opts[-1])), *lr.shape[-2:], probe=table.patch)
         row['flops_ratio_full'] = {c: routed_flops[c] / full[c] for c in CONVENTIONS}
+    engine.backbone_tiled(lr)  # warm-up (and the tile rule, measured once per engine)
+    row['tiled_s'], row['tiled_peak_mb'] = timed(lambda: engine.backbone_tiled(lr), runs, device)
+    row['tile'] = dataclasses.asdict(engine.tile_choice)
+    row['fastest_backbone'] = 'tiled' if 'full_s' not in row or row['tiled_s'] <= row['full_s'] else 'full'
+    row['time_ratio_fastest'] = row['routed_s'] / min(row['tiled_s'], row.get('full_s', float('inf')))
     if args.loop:
         row['loop_s'], _ = timed(lambda: engine.render_loop(lr, labels, grid), max(1, runs // 2), device)
     if args.max_batch_sweep:
@@ -163,7 +172,8 @@ def print_table(rows: dict, args, table) -> None:
     print(f'\n{args.network.name}: LR {args.lr_size}, {args.threads} threads, median of {args.runs}, max_batch '
           f'{args.max_batch or "default"}, channels_last {not args.no_channels_last}, mix {mix}, tiling {args.tiling}')
     header = (f"{'image':<18}{'tiles':>6}{'routed s':>10}{'patch s':>9}{'t ratio':>9}{'F ratio':>9}{'eff.':>7}"
-              f"{'full s':>9}{'t/full':>8}{'F/full':>8}{'loop s':>9}{'loop/rt':>8}{'peak MB':>9}")
+              f"{'full s':>9}{'t/full':>8}{'F/full':>8}{'tiled s':>9}{'t/fast':>8}{'loop s':>9}{'loop/rt':>8}"
+              f"{'peak MB':>9}")
     print(header)
     for name, r in rows.items():
         t_patch = r['routed_s'] / r['patch_s']
@@ -174,6 +184,7 @@ def print_table(rows: dict, args, table) -> None:
             line += f"{r['full_s']:>9.3f}{r['routed_s'] / r['full_s']:>8.3f}{r['flops_ratio_full']['paper']:>8.3f}"
         else:
             line += f"{'-':>9}{'-':>8}{'-':>8}"
+        line += f"{r['tiled_s']:>9.3f}{r['time_ratio_fastest']:>8.3f}"
         line += f"{r['loop_s']:>9.2f}{r['loop_s'] / r['routed_s']:>8.1f}" if 'loop_s' in r else f"{'-':>9}{'-':>8}"
         print(line + f"{r['routed_peak_mb']:>9.0f}" + f"  classifier {100 * r['classify_s'] / r['routed_s']:.0f}%" +
               (f", pixels x{r['pixel_ratio']:.2f} in {r['regions']} regions" if 'pixel_ratio' in r else ''))
@@ -181,7 +192,8 @@ def print_table(rows: dict, args, table) -> None:
             sweep = ', '.join(f'{size}: {seconds:.3f}s' for size, seconds in r['max_batch_sweep'].items())
             print(f'   render time by max_batch: {sweep}')
     print('t ratio = routed / backbone patch-wise time; F ratio = the same for FLOPs (paper convention, classifier '
-          'included); eff. = t ratio / F ratio; t/full, F/full: against the backbone on the whole image; '
+          'included); eff. = t ratio / F ratio; t/full, F/full: against the backbone on the whole image; tiled s: '
+          'the backbone in tiles with exact context (the same image); t/fast: routed / the faster of full and tiled; '
           f'MACs ratios are in --json. Classes per image: {[r["counts"] for r in rows.values()]}')
 
 
@@ -194,7 +206,11 @@ def main(argv=None) -> int:
         load_weights(net, args.checkpoint)
     table = cost_table(net, patch=32)
     options = EngineOptions(
-        max_batch=args.max_batch, channels_last=not args.no_channels_last, tiling=args.tiling, halo=args.halo)
+        max_batch=args.max_batch,
+        channels_last=not args.no_channels_last,
+        tiling=args.tiling,
+        halo=args.halo,
+        tile=args.tile)
     engine = RoutedEngine(net, options, args.device)
     paper = RoutedEngine(net, dataclasses.replace(options, tiling='paper'), args.device)
     coefficients = engine.coefficients

@@ -46,7 +46,8 @@ from torch import nn
 
 from cdnsr_plugin.inference.costs import full_image_coefficients
 from cdnsr_plugin.inference.policies import check_labels
-from cdnsr_plugin.inference.regions import EXACT, Plan, cell_grid, default_halo, plan_regions
+from cdnsr_plugin.inference.regions import EXACT, Plan, cell_grid, default_halo, plan_regions, receptive_radius
+from cdnsr_plugin.inference.tiled import TileChoice, choose_tile, tiled_forward
 from cdnsr_plugin.inference.tiling import PatchGrid, extract, super_resolve_patches
 
 Decision = Callable[[torch.Tensor], torch.Tensor]  # logits (N, M) -> labels (N,)
@@ -86,6 +87,8 @@ class EngineOptions:
             exact radius; ``'exact'``: the largest measured receptive radius over the branches, which makes
             the result equal each branch's on the whole image (``regions.default_halo``).
         max_region: ``regions`` only: largest region side, in cells.
+        tile: LR side of the tiles of ``backbone_tiled`` (the speed baseline); ``None``: chosen by the measured
+            rule of ``inference.tiled.choose_tile`` for the device.
     """
 
     patch: int = 32
@@ -97,20 +100,21 @@ class EngineOptions:
     tiling: str = 'regions'
     halo: Optional[int | str] = None
     max_region: int = 8
+    tile: Optional[int] = None
 
     @classmethod
     def from_val(cls, val_opt: Optional[dict]) -> 'EngineOptions':
         """The ``val`` section's ``patch``, ``stride``, ``max_batch``, ``channels_last`` and ``precision``
         (the defaults above where absent): how validation and ``tools/test_patches.py`` read them."""
         val_opt = val_opt or {}
-        names = ('patch', 'stride', 'max_batch', 'channels_last', 'precision', 'tiling', 'halo', 'max_region')
+        names = ('patch', 'stride', 'max_batch', 'channels_last', 'precision', 'tiling', 'halo', 'max_region', 'tile')
         return cls(**{name: val_opt[name] for name in names if val_opt.get(name) is not None})
 
     def validate(self, device: torch.device) -> None:
         """Raise ``ValueError`` naming the first option that is out of range for ``device``."""
-        for name in ('patch', 'stride', 'max_batch', 'chunk', 'max_region'):
+        for name in ('patch', 'stride', 'max_batch', 'chunk', 'max_region', 'tile'):
             value = getattr(self, name)
-            if name == 'max_batch' and value is None:
+            if name in ('max_batch', 'tile') and value is None:
                 continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f'{name} must be a positive integer, got {value!r}')
@@ -184,6 +188,7 @@ class RoutedEngine:
         self.scale, self.num_classes = net.scale, net.num_classes
         self._halo = options.halo
         self._coefficients: Optional[list[dict]] = None
+        self._tile_choice: Optional[TileChoice] = None
         self.last_plan: Optional[Plan] = None
 
     @property
@@ -362,6 +367,34 @@ class RoutedEngine:
     def backbone_full(self, lr: torch.Tensor) -> torch.Tensor:
         """The largest branch on the whole image at once (no tiles, no seams)."""
         return self.branch_full(lr, self.num_classes - 1)
+
+    @property
+    def tile_choice(self) -> TileChoice:
+        """How ``backbone_tiled`` runs: the backbone's exact context (its measured receptive radius; a network
+        without a finite one, e.g. RCAN's global channel attention, uses the engine's ``halo`` and is not
+        exact) and the tile side (``options.tile``, else measured once by ``tiled.choose_tile``)."""
+        if self._tile_choice is None:
+            backbone = self.net.branches[-1]
+            resolve = getattr(self.net, 'resolve_halo', None)  # an exported network: the radius measured at export
+            try:
+                halo = resolve(EXACT) if resolve is not None else receptive_radius(backbone, size=128)
+                exact = True
+            except ValueError:  # no finite radius (e.g. RCAN's global channel attention)
+                halo, exact = self.halo, False
+            if self.options.tile is not None:
+                self._tile_choice = TileChoice(self.options.tile, halo, exact, {})
+            else:
+                with self._running():
+                    self._tile_choice = choose_tile(backbone, halo, exact, self.device, self.dtype)
+        return self._tile_choice
+
+    def backbone_tiled(self, lr: torch.Tensor) -> torch.Tensor:
+        """The largest branch on non-overlapping tiles with exact context (``inference.tiled``): the same image
+        as ``backbone_full`` (within float rounding) at the speed of tiles; the speed baseline."""
+        choice = self.tile_choice
+        image = self._prepare(self._image(lr)[None])
+        with self._running():
+            return tiled_forward(self.net.branches[-1], image, choice.tile, choice.halo, self.scale)[0].float()
 
     def branch_full(self, lr: torch.Tensor, branch: int) -> torch.Tensor:
         """Branch ``branch`` on the whole image at once: what regions give with the exact halo."""

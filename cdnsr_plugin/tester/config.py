@@ -55,7 +55,7 @@ class Setting:
     """
 
     name: str
-    kind: str = 'routed'  # routed | backbone-full | backbone-patch
+    kind: str = 'routed'  # routed | backbone-full | backbone-tiled | backbone-patch
     eta: Optional[float] = None
     budget: Optional[float] = None
     set_budget: Optional[float] = None
@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=halo_type,
         help='regions: LR pixels of context per side, or "exact" (the measured receptive radius); default: '
         'the backbone\'s default (' + ', '.join(f'{k} {v}' for k, v in DEFAULT_HALO.items()) + '), else exact')
+    engine.add_argument(
+        '--tile',
+        type=int,
+        help='LR tile side of the "backbone tiled" baseline (--compare-backbone); default: measured once per run '
+        '(the fastest per pixel of a few sides on this device)')
     engine.add_argument('--precision', choices=sorted(PRECISIONS), help='fp16/bf16 need CUDA (default fp32)')
     engine.add_argument('--device', help='cpu, cuda, cuda:1 or auto (default: option num_gpu, else auto)')
     engine.add_argument('--threads', type=int, help='CPU threads for torch (default: torch\'s choice)')
@@ -186,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument(
         '--compare-backbone',
         action='store_true',
-        help='also run the largest branch on the full '
-        'image and patch-wise, and print routed/backbone ratios')
+        help='also run the largest branch on the whole image, in tiles with exact context (the same image; see '
+        '--tile) and patch-wise, and print routed/backbone ratios (time: against the faster of whole and tiles)')
     parser.add_argument('--no-save-images', action='store_true', help='write reports only')
     parser.add_argument(
         '--save-setting',
@@ -291,7 +296,11 @@ def _settings(args: argparse.Namespace, val: dict, router: str) -> list[Setting]
     if len(set(names)) != len(names):
         raise ValueError(f'sweep budgets must differ at two decimals, got {names}')
     if args.compare_backbone or val.get('compare_backbone'):
-        settings += [Setting('backbone full image', 'backbone-full'), Setting('backbone patch-wise', 'backbone-patch')]
+        settings += [
+            Setting('backbone full image', 'backbone-full'),
+            Setting('backbone tiled', 'backbone-tiled'),
+            Setting('backbone patch-wise', 'backbone-patch')
+        ]
     return settings
 
 
@@ -392,7 +401,7 @@ def _engine_options(args: argparse.Namespace, val: dict) -> EngineOptions:
     """The ``val`` keys as validation reads them (``EngineOptions.from_val``), then the flags over them."""
     flags = {
         'patch': args.patch, 'stride': args.stride, 'max_batch': args.max_batch, 'precision': args.precision,
-        'tiling': args.tiling, 'halo': args.halo
+        'tiling': args.tiling, 'halo': args.halo, 'tile': args.tile
     }
     options = dataclasses.replace(EngineOptions.from_val(val), **{k: v for k, v in flags.items() if v is not None})
     return dataclasses.replace(options, channels_last=False) if args.no_channels_last else options

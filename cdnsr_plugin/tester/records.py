@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 METRICS = ('psnr', 'ssim', 'psnr_y', 'ssim_y')
+SPEED_BASELINES = ('backbone full image', 'backbone tiled')  # the same image; the faster one is the speed baseline
 
 
 @dataclass
@@ -137,13 +138,28 @@ class Report:
             for row in compare(setting, base)
         ]
 
+    @property
+    def against_fastest_backbone(self) -> list[Comparison]:
+        """Per routed setting and dataset, its comparison with the faster of ``backbone full image`` and
+        ``backbone tiled`` (the same image; the time a user would otherwise spend); empty unless both ran."""
+        entries = [c for c in self.comparison if c.baseline in SPEED_BASELINES and c.time_ratio is not None]
+        if {c.baseline for c in entries} != set(SPEED_BASELINES):
+            return []
+        best: dict[tuple[str, str], Comparison] = {}
+        for entry in entries:
+            key = (entry.dataset, entry.routed)
+            if key not in best or entry.time_ratio > best[key].time_ratio:  # the larger ratio: the faster baseline
+                best[key] = entry
+        return list(best.values())
+
     def to_dict(self) -> dict[str, Any]:
         """The ``report.json`` layout."""
         return {
             'created': self.created, 'command': self.command, 'device': self.device, 'torch': self.torch,
             'threads': self.threads, 'network': self.network, 'settings': [s.to_dict() for s in self.settings],
-            'comparison': [asdict(c) for c in self.comparison], 'failures': [asdict(f) for f in self.failures],
-            'notes': self.notes
+            'comparison': [asdict(c) for c in self.comparison],
+            'against_fastest_backbone': [asdict(c) for c in self.against_fastest_backbone],
+            'failures': [asdict(f) for f in self.failures], 'notes': self.notes
         }
 
 

@@ -94,10 +94,10 @@ def _fmt(value: Optional[float], spec: str, missing: str = 'n/a') -> str:
 
 
 def _quality(record: SetRecord) -> str:
-    for suffix, label in (('_y', 'Y'), ('', 'RGB')):
-        if getattr(record, 'psnr' + suffix) is not None:
-            return f"{getattr(record, 'psnr' + suffix):.2f}/{_fmt(getattr(record, 'ssim' + suffix), '.4f')} {label}"
-    return 'no GT'
+    """PSNR on Y and on RGB, and SSIM on Y (BasicSR's, ``crop_border = scale``)."""
+    if record.psnr is None and record.psnr_y is None:
+        return 'no GT'
+    return f"{_fmt(record.psnr_y, '.2f')} {_fmt(record.psnr, '.2f')} {_fmt(record.ssim_y, '.4f')}"
 
 
 def _percent(record: SetRecord, convention: str, of: str = 'percent_of_largest') -> Optional[float]:
@@ -109,7 +109,7 @@ def _set_line(setting_name: str, record: SetRecord) -> str:
     patches = record.patches
     shares = '/'.join(f'{100 * n / patches:.0f}' if patches else '-' for n in record.counts)
     return (f'{setting_name:<22} {record.dataset:<12} {record.images:>6} {shares:>12} '
-            f'{_quality(record):>20} {_fmt(_percent(record, "paper"), ".1f"):>8} '
+            f'{_quality(record):>22} {_fmt(_percent(record, "paper"), ".1f"):>8} '
             f'{_fmt(_percent(record, "macs"), ".1f"):>7} '
             f'{_fmt(_percent(record, "macs", "percent_of_full_image"), ".1f"):>7} {_fmt(record.time_s, ".2f"):>9}')
 
@@ -118,11 +118,17 @@ def _comparison_line(entry: Comparison) -> str:
     names = {'paper': 'paper', 'macs': 'MACs'}
     flops_text = ' / '.join(f"x{_fmt(ratio, '.2f')} ({names.get(key, key)})"
                             for key, ratio in entry.flops_ratio.items())
-    psnr_text = 'PSNR n/a (no GT)' if entry.psnr_diff is None else f'PSNR {entry.psnr_diff:+.2f} dB'
-    if entry.psnr_y_diff is not None:
-        psnr_text += f' (Y {entry.psnr_y_diff:+.2f} dB)'
+    if entry.psnr_diff is None:
+        psnr_text = 'PSNR n/a (no GT)'
+    else:
+        psnr_text = f"PSNR Y {_fmt(entry.psnr_y_diff, '+.2f')} dB, RGB {entry.psnr_diff:+.2f} dB"
     return (f'{entry.dataset}: {entry.routed} vs {entry.baseline}: '
             f"time x{_fmt(entry.time_ratio, '.2f')}, FLOPs {flops_text or 'n/a'}, {psnr_text}")
+
+
+def _fastest_line(entry: Comparison) -> str:
+    return (f'{entry.dataset}: {entry.routed} takes x{entry.time_ratio:.2f} the time of the faster backbone '
+            f'({entry.baseline})')
 
 
 def format_summary(report: Report) -> str:
@@ -132,7 +138,7 @@ def format_summary(report: Report) -> str:
     figures mean."""
     lines = [
         f'{report.created}  device {report.device}, torch {report.torch}, {report.threads} threads',
-        f"{'setting':<22} {'dataset':<12} {'images':>6} {'classes %':>12} {'PSNR/SSIM':>20} "
+        f"{'setting':<22} {'dataset':<12} {'images':>6} {'classes %':>12} {'PSNR Y / RGB, SSIM Y':>22} "
         f"{'paper %':>8} {'MACs %':>7} {'full %':>7} {'time s':>9}"
     ]
     for setting in report.settings:
@@ -140,6 +146,7 @@ def format_summary(report: Report) -> str:
     comparison = report.comparison
     if comparison:
         lines += ['', *(_comparison_line(entry) for entry in comparison)]
+        lines += [_fastest_line(entry) for entry in report.against_fastest_backbone]
     if report.failures:
         lines += ['', f"{len(report.failures)} file{'s' if len(report.failures) != 1 else ''} failed:"]
         lines += [f'  {failure.file}: {failure.error}' for failure in report.failures]

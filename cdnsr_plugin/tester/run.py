@@ -19,7 +19,10 @@ more than ``B``, a note says so.
 Tiling. The default, ``--tiling regions``: routed settings classify non-overlapping 32x32 cells and run
 rectangles of cells with real context (``inference.regions``); ``backbone patch-wise`` stays the papers'
 comparison (every 32x32 tile at stride 28 through the largest branch, zero padding, overlaps averaged),
-``backbone full image`` the honest baseline. ``--tiling paper`` runs the routed settings as the papers do.
+``backbone full image`` the honest baseline of quality, and ``backbone tiled`` (the same network on
+non-overlapping tiles with its exact receptive radius of context, ``inference.tiled``: the same image, and on a
+CPU faster than the whole image) the baseline of speed: the summary compares the routed time with the faster
+of the two. ``--tiling paper`` runs the routed settings as the papers do.
 
 FLOPs accounting (per image, both conventions). Regions: a routed setting costs what ran
 (``inference.costs.executed_cost``: each branch's cost per pixel x the pixels its regions processed, halos
@@ -27,9 +30,10 @@ included, plus the classifier or router on every cell); each record holds ``pixe
 image pixels. Paper tiling: ``sum_j counts_j * (C_cls + C_j)`` (the classifier runs on every tile; the
 Laplacian router's ~8 MACs per pixel replace it). ``backbone patch-wise`` costs ``N * C_largest``;
 ``backbone full image`` costs the largest branch on the whole image, extrapolated exactly from two probe
-sizes (``inference.costs.full_image_cost``). Per record: ``per_patch`` = total / the setting's tile count
-(cells or papers' tiles), ``percent_of_largest`` = that per tile in % of the largest branch on one tile (the
-papers' tables), ``percent_of_full_image`` = total in % of ``backbone full image`` (the honest figure).
+sizes (``inference.costs.full_image_cost``); ``backbone tiled`` the same per tile input (with its context).
+Per record: ``per_patch`` = total / the setting's tile count (cells or papers' tiles), ``percent_of_largest`` =
+that per tile in % of the largest branch on one tile (the papers' tables), ``percent_of_full_image`` = total
+in % of ``backbone full image`` (the honest figure).
 Comparisons divide totals over the same images.
 
 Backend ``onnxruntime`` (``--onnx``): the export of ``tools/export_onnx.py`` is loaded as
@@ -60,6 +64,7 @@ from cdnsr_plugin.inference.engine import RoutedEngine
 from cdnsr_plugin.inference.laplacian import LAPLACIAN_MACS_PER_PIXEL, LaplacianRouter
 from cdnsr_plugin.inference.policies import SharedEta, cost_aware_labels, eta_limit, solve_budget, solve_shared_eta
 from cdnsr_plugin.inference.regions import Plan, plan_regions
+from cdnsr_plugin.inference.tiled import TileChoice, tiled_input_sizes
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.config import ONNXRUNTIME, DatasetSpec, Setting, TestConfig
 from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, SettingResult
@@ -204,15 +209,24 @@ def decide(setting: Setting,
     return cost_aware_labels(logits, costs, eta), float(eta)
 
 
-def flops_of(setting: Setting, counts: list[int], table: CostTable, router_cost: Optional[dict[str, float]],
-             full_coefficients: Optional[dict], size: tuple[int, int]) -> dict[str, Flops]:
-    """Whole-image cost, cost per tile and % of the largest branch per tile, both conventions."""
+def flops_of(setting: Setting,
+             counts: list[int],
+             table: CostTable,
+             router_cost: Optional[dict[str, float]],
+             full_coefficients: Optional[dict],
+             size: tuple[int, int],
+             tile: Optional[TileChoice] = None) -> dict[str, Flops]:
+    """Whole-image cost, cost per tile and % of the largest branch per tile, both conventions; ``tile``: how
+    ``backbone tiled`` ran (each tile's input with its context costs as a whole image of that size)."""
     n = sum(counts)
+    tiled_inputs = tiled_input_sizes(*size, tile.tile, tile.halo) if setting.kind == 'backbone-tiled' else []
     result = {}
     for convention in CONVENTIONS:
         largest = table.largest(convention)
         if setting.kind == 'backbone-full':
             total = full_image_cost(full_coefficients, *size)[convention]
+        elif setting.kind == 'backbone-tiled':
+            total = sum(full_image_cost(full_coefficients, h, w)[convention] for h, w in tiled_inputs)
         elif setting.kind == 'backbone-patch':
             total = n * largest
         elif router_cost is None:  # the learned classifier runs on every tile
@@ -315,6 +329,8 @@ class Runner:
         grid = self.engine.grid(lr)
         self.engine.classify(lr, grid)
         self.engine.render(lr, torch.arange(len(grid)) % m, grid)
+        if any(setting.kind == 'backbone-tiled' for setting in self.cfg.settings):
+            self.engine.tile_choice  # measured now (tiled.choose_tile), not inside the first image's time
 
     def run_dataset(self, spec: DatasetSpec) -> None:
         """Every image of one set; a bad image or folder is recorded in ``failures`` and the run goes on."""
@@ -390,6 +406,8 @@ class Runner:
             with measure(self.device) as timing:
                 if setting.kind == 'backbone-full':
                     sr = self.engine.backbone_full(lr)
+                elif setting.kind == 'backbone-tiled':
+                    sr = self.engine.backbone_tiled(lr)
                 elif setting.kind == 'backbone-patch':
                     sr = self.paper_engine.render(lr, labels, setting_grid)
                 else:
@@ -495,7 +513,8 @@ class Runner:
         """The report's record of one image under one setting."""
         counts = torch.bincount(labels, minlength=self.engine.num_classes).tolist()
         lr_size = (int(pair.lr.shape[-2]), int(pair.lr.shape[-1]))
-        flops = flops_of(setting, counts, self.table, self.router_cost, self.full_coefficients, lr_size)
+        tile = self.engine.tile_choice if setting.kind == 'backbone-tiled' else None
+        flops = flops_of(setting, counts, self.table, self.router_cost, self.full_coefficients, lr_size, tile)
         if plan is not None:
             flops = executed_flops(setting, plan, len(grid), self.table, self.router_cost, self.engine.coefficients)
         full = full_image_cost(self.full_coefficients, *lr_size)
@@ -554,7 +573,18 @@ class Runner:
             'precision': cfg.engine.precision, 'budget_convention': cfg.convention, 'tiling': cfg.engine.tiling,
             'halo': self.engine.halo if self.regions else None,
             'max_region': cfg.engine.max_region if self.regions else None, 'backend': cfg.backend,
-            'onnx': self.onnx_info()
+            'backbone_tiled': self._tile_info(), 'onnx': self.onnx_info()
+        }
+
+    def _tile_info(self) -> Optional[dict[str, Any]]:
+        """How ``backbone tiled`` ran (tile side, context, exact or not, the rule's timings), if it ran."""
+        if not any(setting.kind == 'backbone-tiled' for setting in self.cfg.settings):
+            return None
+        choice = self.engine.tile_choice
+        return {
+            'tile': choice.tile, 'halo': choice.halo, 'exact': choice.exact,
+            'rule_seconds_per_megapixel': {str(k): v
+                                           for k, v in choice.seconds_per_megapixel.items()}
         }
 
     def onnx_info(self) -> Optional[dict[str, Any]]:

@@ -63,7 +63,11 @@ def test_the_default_demo_runs_the_shipped_model_against_its_backbone(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / 'demo' / 'results' / 'report.json').read_text())
     rows = {s['kind']: s for s in report['settings']}
-    assert set(rows) == {'routed', 'backbone-full', 'backbone-patch'} and not report['failures']
+    assert set(rows) == {'routed', 'backbone-full', 'backbone-tiled', 'backbone-patch'} and not report['failures']
+    # the tiled backbone is the same image as the whole one (exact context); the time is against the faster
+    assert rows['backbone-tiled']['sets'][0]['psnr_y'] == pytest.approx(
+        rows['backbone-full']['sets'][0]['psnr_y'], abs=1e-3)
+    assert 'the faster backbone' in result.stdout
     routed = rows['routed']
     assert len(routed['images']) == 6
     for image in routed['images']:

@@ -62,7 +62,8 @@ def test_report_has_every_field_and_flops_follow_the_cost_table(setup, compared)
     root, net = setup
     out, report = compared
     table = cost_table(net, patch=32)
-    assert [s['name'] for s in report['settings']] == ['argmax', 'backbone full image', 'backbone patch-wise']
+    assert [s['name']
+            for s in report['settings']] == ['argmax', 'backbone full image', 'backbone tiled', 'backbone patch-wise']
     for setting in report['settings']:
         for record in setting['images']:
             assert set(record) >= RECORD_KEYS
@@ -79,15 +80,29 @@ def test_report_has_every_field_and_flops_follow_the_cost_table(setup, compared)
             assert 0 < record['psnr_y'] < 100
         if min(record['lr_size']) >= 5:  # and SSIM's 11x11 window fits
             assert 0 < record['ssim'] <= 1
-    patchwise = report['settings'][2]['images'][0]
+    patchwise = report['settings'][3]['images'][0]
     assert patchwise['flops']['paper']['percent_of_largest'] == pytest.approx(100.0)
     full = report['settings'][1]['images'][0]  # 97x250: 36 tiles hold 1.52x the pixels of the image
     assert full['flops']['macs']['total'] == pytest.approx(table.largest('macs') / 32**2 * 97 * 250, rel=0.01)
     set_row = routed['sets'][0]
     assert set_row['counts'] == np.sum([r['counts'] for r in routed['images']], axis=0).tolist()
-    assert {c['baseline'] for c in report['comparison']} == {'backbone full image', 'backbone patch-wise'}
+    assert {c['baseline']
+            for c in report['comparison']} == {'backbone full image', 'backbone tiled', 'backbone patch-wise'}
+    # the tiled backbone: the whole image's output (exact context), costing at least as much, with its tile rule
+    tiled = report['settings'][2]
+    assert report['network']['backbone_tiled']['exact'] is True
+    for t, f in zip(tiled['images'], report['settings'][1]['images']):
+        if f['psnr'] is not None and math.isfinite(f['psnr']):
+            assert t['psnr'] == pytest.approx(
+                f['psnr'], abs=1e-3) and t['psnr_y'] == pytest.approx(
+                    f['psnr_y'], abs=1e-3)
+        assert t['flops']['macs']['total'] >= f['flops']['macs']['total'] * (1 - 1e-9)
+    # the speed baseline is the faster of the two, per routed setting and dataset
+    fastest = report['against_fastest_backbone']
+    assert len(fastest) == 1 and fastest[0]['time_ratio'] == max(
+        c['time_ratio'] for c in report['comparison'] if c['baseline'] in ('backbone full image', 'backbone tiled'))
     rows = list(csv.DictReader((out / 'report.csv').open()))
-    assert len(rows) == 3 * (len(TESTER_LR_SIZES) + 1)
+    assert len(rows) == 4 * (len(TESTER_LR_SIZES) + 1)
 
 
 def test_routing_every_tile_to_the_backbone_equals_the_patchwise_backbone(setup, tmp_path):
@@ -95,7 +110,7 @@ def test_routing_every_tile_to_the_backbone_equals_the_patchwise_backbone(setup,
     args = direct(root, tmp_path, '--eta', -1e4, '--compare-backbone', '--no-save-images', '--tiling', 'paper')
     assert run_cli(args) == 0
     report = json.loads((tmp_path / 'report.json').read_text())
-    routed, _, patchwise = report['settings']
+    routed, _, _, patchwise = report['settings']
     compared = 0
     for a, b in zip(routed['images'], patchwise['images']):
         assert a['counts'][:-1] == [0, 0] and a['counts'][-1] == a['patches']  # eta << 0: all to the backbone
@@ -114,7 +129,7 @@ def test_regions_by_default_cost_what_ran_beside_the_papers_tiling(setup, tmp_pa
     report = json.loads((tmp_path / 'a' / 'report.json').read_text())
     assert report['network']['tiling'] == 'regions'
     assert report['network']['halo'] == max(receptive_radius(b, size=128) for b in net.branches)
-    routed, full, patchwise = report['settings']
+    routed, full, _, patchwise = report['settings']
     table = cost_table(net, patch=32)
     per_pixel = [b.macs / 32**2 for b in table.branches]  # FSRCNN: linear in the pixels it processes
     for r, f, p in zip(routed['images'], full['images'], patchwise['images']):
@@ -138,7 +153,7 @@ def test_regions_by_default_cost_what_ran_beside_the_papers_tiling(setup, tmp_pa
     assert overlay.shape[:2] == tuple(routed['images'][-1]['sr_size'])
 
     assert run_cli(direct(root, tmp_path / 'b', '--compare-backbone', '--halo', 'exact', '--eta', -1e4)) == 0
-    routed, full, _ = json.loads((tmp_path / 'b' / 'report.json').read_text())['settings']
+    routed, full, _, _ = json.loads((tmp_path / 'b' / 'report.json').read_text())['settings']
     for r, f in zip(routed['images'], full['images']):
         if f['psnr'] is not None and math.isfinite(f['psnr']):
             assert r['psnr'] == pytest.approx(f['psnr'], abs=0.01)

@@ -142,7 +142,8 @@ def test_write_report_json_round_trips_and_csv_rows(tmp_path, images):
     assert argmax[3]['psnr'] == '' and argmax[3]['peak_memory_mb'] == ''
     data = json.loads(json_path.read_text())  # the report.json layout
     assert list(data) == [
-        'created', 'command', 'device', 'torch', 'threads', 'network', 'settings', 'comparison', 'failures', 'notes'
+        'created', 'command', 'device', 'torch', 'threads', 'network', 'settings', 'comparison',
+        'against_fastest_backbone', 'failures', 'notes'
     ]
     assert list(data['settings'][0]['images'][0]) == [
         'dataset', 'image', 'lr_size', 'sr_size', 'patches', 'counts', 'eta', 'psnr', 'ssim', 'psnr_y', 'ssim_y',
@@ -180,8 +181,17 @@ def test_format_summary_mentions_everything(images):
         assert name in text
     assert '2 files failed:' in text and 'unreadable or corrupt image file' in text
     assert 'Test2K: argmax vs backbone full image: time x0.50, FLOPs x1.00 (paper) / x1.00 (MACs), ' \
-           'PSNR -0.10 dB' in text
+           'PSNR Y +0.00 dB, RGB -0.10 dB' in text
     assert 'Test4K: argmax vs backbone full image' in text and 'PSNR n/a' in text
-    assert '38/32/30' in text and '55.0' in text and '32.00/' in text  # shares, paper %, PSNR-Y
+    assert '38/32/30' in text and '55.0' in text and '32.00 31.00 ' in text  # shares, paper %, PSNR Y and RGB
     assert 'paper = 2 x weight MACs' in text and 'ptflops' in text
+    assert 'the faster backbone' not in text  # only with both the whole image and the tiles
     assert len(text.splitlines()) < 25
+    # with the tiled backbone (here 1.5x the routed time, faster than the whole image's 2x) the speed claim is
+    # against the faster of the two, per routed setting and dataset
+    tiled = [dataclasses.replace(r, time_s=0.75 * r.time_s) for r in report.settings[1].images]
+    report.settings.append(SettingResult('backbone tiled', 'backbone-tiled', tiled))
+    text = format_summary(report)
+    assert 'Test2K: argmax takes x0.67 the time of the faster backbone (backbone tiled)' in text
+    assert [(c.dataset, c.baseline) for c in report.against_fastest_backbone] == [('Test2K', 'backbone tiled'),
+                                                                                  ('Test4K', 'backbone tiled')]
