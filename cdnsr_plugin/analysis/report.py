@@ -30,14 +30,15 @@ def routers_markdown(analysis: Analysis) -> list[str]:
     routers = [router for router in ROUTERS if any(p.router == router for p in analysis.points)]
     budgets = sorted({p.budget for p in analysis.points if p.budget is not None})
     lines = [
-        '| budget | ' + ' | '.join(f'{router} PSNR (FLOPs %, executed % of whole image, regret)'
+        '| budget | ' + ' | '.join(f'{router} PSNR Y / RGB (FLOPs %, executed % of whole image, regret)'
                                    for router in routers) + ' |', '| --- |' + ' --- |' * len(routers)
     ]
     for budget in budgets:
         cells = []
         for router in routers:
             point = next((p for p in analysis.points if p.router == router and p.budget == budget), None)
-            cells.append('-' if point is None else f'{point.psnr:.3f} ({100 * point.flops_fraction:.1f}, '
+            cells.append('-' if point is None else f'{point.psnr:.3f} / {_number(point.psnr_rgb, ".3f")} '
+                         f'({100 * point.flops_fraction:.1f}, '
                          f'{_number(point.percent_of_full_image, ".1f")}, {_number(point.regret, "+.3f")})')
         lines.append(f'| {budget:.2f} | ' + ' | '.join(cells) + ' |')
     return lines
@@ -47,7 +48,8 @@ SCOPE_TEXT = {'image': 'each image meeting the budget', 'set': 'one eta per rout
 
 
 def to_markdown(analysis: Analysis, title: str = 'Routing analysis') -> str:
-    """The analysis as Markdown tables (PSNR: BasicSR's, Y, crop = scale, mean over images)."""
+    """The analysis as Markdown tables (PSNR: BasicSR's, on Y and on RGB, crop = scale, mean over images; the
+    regret is on Y, what the routers are compared on)."""
     tiles = ('non-overlapping 32x32 LR cells, executed as seam-free regions (exact halo)'
              if analysis.tiling == 'regions' else '32x32 LR, stride 28, overlaps averaged')
     lines = [
@@ -71,10 +73,22 @@ def to_markdown(analysis: Analysis, title: str = 'Routing analysis') -> str:
             f'- Spearman correlation, classifier preference vs oracle gain: {_number(analysis.spearman, ".3f")}',
             f'- mean largest class probability: {_number(analysis.mean_max_probability, ".3f")}'
         ]
+    if analysis.branch_colour:
+        lines += [
+            '', '**Each branch on the whole images** (mean MSE, 8-bit range; bias: mean signed error per channel, '
+            'output minus ground truth):', '', '| branch | Y | Cb | Cr | RGB | bias R, G, B |',
+            '| --- | --- | --- | --- | --- | --- |'
+        ]
+        for j, row in enumerate(analysis.branch_colour):
+            bias = ', '.join(f'{v:+.2f}' for v in row['bias_rgb'])
+            lines.append(f"| {j} | {row['mse_y']:.2f} | {row['mse_cb']:.2f} | {row['mse_cr']:.2f} | "
+                         f"{row['mse_rgb']:.2f} | {bias} |")
+        lines.append('')
     full = analysis.backbone_full_flops_fraction
     lines.append(f'- backbone patch-wise (papers\' tiles): {_number(analysis.backbone_patchwise_psnr, ".3f")} dB at '
                  f'100% (executed {_number(analysis.backbone_patchwise_percent_of_full, ".1f")}% of the whole image); '
-                 f'on the whole image: {_number(analysis.backbone_full_psnr, ".3f")} dB at '
+                 f'on the whole image: {_number(analysis.backbone_full_psnr, ".3f")} dB '
+                 f'(RGB {_number(analysis.backbone_full_psnr_rgb, ".3f")} dB) at '
                  f'{_number(None if full is None else 100 * full, ".1f")}%')
     return '\n'.join(lines) + '\n'
 

@@ -111,11 +111,13 @@ class ImageTiles:
     logits: Optional[np.ndarray]  # (N, M) classifier logits
     edge: np.ndarray  # (N,) Laplacian edge energy
     full_psnr: float  # the largest branch on the whole image (no tiles): the honest baseline
+    full_psnr_rgb: Optional[float] = None  # the same on RGB
     full_cost: Optional[dict[str, float]] = None  # its cost on the whole image, per convention
     boxes: Optional[np.ndarray] = None  # (N, 4) LR y0, y1, x0, x1 each tile owns (regions); None: papers' tiles
     execution: Optional[Execution] = None  # regions: how a routing runs
     paper_patchwise_psnr: Optional[float] = None  # regions: the largest branch on the papers' tiles
     paper_patchwise_macs: Optional[float] = None  # and its cost
+    branch_colour: Optional[list[dict]] = None  # regions: each branch on the whole image (``colour_errors``)
 
     def run(self, labels: np.ndarray) -> tuple[np.ndarray, Optional[float]]:
         """The branch each tile is rendered by under ``labels`` (regions may promote isolated cells) and, under
@@ -184,12 +186,13 @@ def collect(engine: RoutedEngine,
     largest branch on the whole image. Tiles as the engine's tiling cuts them (see the module docstring)."""
     grid = engine.grid(lr)
     execution, paper_patchwise, paper_macs = None, None, None
+    colour = None
     if engine.options.tiling == 'regions':
         boxes = cell_boxes(grid)
-        sr_tiles = torch.stack([
-            _cell_tiles(engine.branch_full(lr, b).cpu(), boxes, grid.patch, engine.scale)
-            for b in range(engine.num_classes)
-        ])
+        outputs = [engine.branch_full(lr, b).cpu() for b in range(engine.num_classes)]
+        colour = [colour_errors(out, gt, engine.scale) for out in outputs]
+        sr_tiles = torch.stack([_cell_tiles(out, boxes, grid.patch, engine.scale) for out in outputs])
+        del outputs
         coefficients = tuple(engine.coefficients)  # measured once per engine
         execution = Execution(grid.height, grid.width, grid.patch, engine.halo, engine.options.max_region,
                               tuple(engine.per_pixel), coefficients)
@@ -206,9 +209,31 @@ def collect(engine: RoutedEngine,
     edge = engine.map_tiles(lr, lambda tiles: laplacian_scores(tiles.float()).cpu(), grid).numpy()
     full = tensor2img(engine.backbone_full(lr).cpu(), rgb2bgr=True, min_max=(0, 1))
     full_psnr = float(calculate_psnr(full, gt, engine.scale, test_y_channel=True))
+    full_psnr_rgb = float(calculate_psnr(full, gt, engine.scale))
     full_cost = full_image_cost(full_coefficients, *lr.shape[-2:]) if full_coefficients else None
     return ImageTiles(name, lr, gt, grid, sr_tiles, errors, pixels, logits, edge.astype(np.float64), full_psnr,
-                      full_cost, boxes if execution is not None else None, execution, paper_patchwise, paper_macs)
+                      full_psnr_rgb, full_cost, boxes if execution is not None else None, execution, paper_patchwise,
+                      paper_macs, colour)
+
+
+_CBCR = ((-37.797, -74.203, 112.0), (112.0, -93.786, -18.214))  # BT.601 chroma, as BasicSR's rgb2ycbcr, x 255
+
+
+def colour_errors(sr: torch.Tensor, gt: np.ndarray, scale: int) -> dict[str, float]:
+    """One branch's whole-image output (3, H, W) RGB in [0, 1] against the uint8 BGR ground truth, border
+    ``scale`` cropped as BasicSR's PSNR: MSE on Y, Cb and Cr and on RGB (8-bit range), and the mean signed error
+    per RGB channel (a colour bias). Where the routed image's RGB falls further below its backbone than its Y,
+    these say whether the smaller branches' chroma or a colour shift is why."""
+    out = torch.from_numpy(tensor2img(sr, rgb2bgr=False, min_max=(0, 1)).astype(np.float64))  # RGB uint8 values
+    target = torch.from_numpy(np.ascontiguousarray(gt[..., ::-1]).astype(np.float64))
+    out, target = (t[scale:-scale, scale:-scale] for t in (out, target))
+    diff = (out - target).reshape(-1, 3)
+    y = diff @ torch.tensor(_Y, dtype=torch.float64) / 255.0
+    cbcr = diff @ torch.tensor(_CBCR, dtype=torch.float64).T / 255.0
+    return {
+        'mse_y': float((y**2).mean()), 'mse_cb': float((cbcr[:, 0]**2).mean()), 'mse_cr': float((cbcr[:, 1]**2).mean()),
+        'mse_rgb': float((diff**2).mean()), 'bias_rgb': [float(v) for v in diff.mean(dim=0)]
+    }
 
 
 def _cell_tiles(sr: torch.Tensor, boxes: np.ndarray, patch: int, scale: int) -> torch.Tensor:
@@ -264,6 +289,7 @@ class RouterPoint:
     ssim: Optional[float] = None  # BasicSR's SSIM on Y (computed for the classifier's argmax only)
     percent_of_full_image: Optional[float] = None  # MACs that ran (router included), % of the backbone on the
     # whole image, summed over the images
+    psnr_rgb: Optional[float] = None  # mean over images of BasicSR's PSNR on RGB (crop ``scale``)
 
 
 @dataclass
@@ -281,11 +307,14 @@ class Analysis:
     points: list[RouterPoint] = field(default_factory=list)
     backbone_patchwise_psnr: Optional[float] = None
     backbone_full_psnr: Optional[float] = None
+    backbone_full_psnr_rgb: Optional[float] = None
     backbone_full_flops_fraction: Optional[float] = None  # its cost per tile / the largest branch's
     backbone_patchwise_percent_of_full: Optional[float] = None  # papers' tiles, MACs in % of the whole image
     soft_psnr: Optional[float] = None
     hard_psnr: Optional[float] = None
     spearman: Optional[float] = None
+    branch_colour: Optional[list[dict]] = None  # per branch, on the whole images: mean MSE on Y, Cb, Cr, RGB and the
+    # mean colour bias per RGB channel (``colour_errors``; regions only)
     mean_max_probability: Optional[float] = None  # the classifier's confidence on the test tiles
     scope: str = 'image'  # budgets met per image, or over the set with one eta (``analyze``)
 
@@ -346,14 +375,14 @@ def _point(router: str,
            macs: Optional[tuple[np.ndarray, float]] = None) -> RouterPoint:
     """One router's point; ``macs``: per-tile MACs of each branch and of the router, for the executed cost."""
     runs = [image.run(np.asarray(label, dtype=np.int64)) for image, label in zip(images, labels)]  # planned once
+    rendered = [_rendered(image, ran, scale) for image, (ran, _) in zip(images, runs)]
     psnr = float(
-        np.mean([
-            calculate_psnr(_rendered(image, ran, scale), image.gt, scale, test_y_channel=True)
-            for image, (ran, _) in zip(images, runs)
-        ]))
+        np.mean([calculate_psnr(out, image.gt, scale, test_y_channel=True) for out, image in zip(rendered, images)]))
+    psnr_rgb = float(np.mean([calculate_psnr(out, image.gt, scale) for out, image in zip(rendered, images)]))
     every = np.concatenate(labels)
     shares = np.bincount(every, minlength=len(per_class)) / len(every)
-    point = RouterPoint(router, budget, psnr, float(per_class[every].mean() / largest), shares.round(4).tolist())
+    point = RouterPoint(
+        router, budget, psnr, float(per_class[every].mean() / largest), shares.round(4).tolist(), psnr_rgb=psnr_rgb)
     if macs is not None and all(image.full_cost for image in images):
         branch_macs, router_macs = macs
         executed = sum((float(branch_macs[label].sum()) if ran_macs is None else ran_macs) + router_macs * len(label)
@@ -423,6 +452,13 @@ def analyze(images: Sequence[ImageTiles],
     else:
         result.backbone_patchwise_psnr = float(np.mean([psnr_of(i, b, scale) for i, b in zip(images, backbone)]))
     result.backbone_full_psnr = float(np.mean([image.full_psnr for image in images]))
+    if all(image.branch_colour for image in images):
+        result.branch_colour = [{
+            key: (np.mean([image.branch_colour[j][key] for image in images], axis=0).tolist())
+            for key in images[0].branch_colour[j]
+        } for j in range(len(images[0].branch_colour))]
+    if all(image.full_psnr_rgb is not None for image in images):
+        result.backbone_full_psnr_rgb = float(np.mean([image.full_psnr_rgb for image in images]))
     if all(image.full_cost for image in images):
         full = sum(image.full_cost[convention] for image in images)
         result.backbone_full_flops_fraction = float(full / (result.tiles * largest))

@@ -79,6 +79,15 @@ def test_regions_analysis_reports_executed_costs_beside_the_papers_tiles(tmp_pat
     learned = next(p for p in analysis.points if p.router == 'learned' and p.budget == 0.5)
     assert learned.percent_of_full_image > oracle.percent_of_full_image  # the classifier's own cost is counted
     assert analysis.backbone_patchwise_percent_of_full > 100  # the papers' tiles overlap
+    # RGB beside Y: the merged image's RGB PSNR, and the backbone's on the whole image
+    for point in analysis.points:
+        assert 0 < point.psnr_rgb < 100 and point.psnr_rgb != point.psnr
+    whole = [
+        calculate_psnr(tensor2img(engine.backbone_full(image.lr), rgb2bgr=True, min_max=(0, 1)), image.gt, 4)
+        for image in images
+    ]
+    assert analysis.backbone_full_psnr_rgb == pytest.approx(np.mean(whole), abs=1e-9)
+    assert analysis.backbone_full_psnr_rgb != analysis.backbone_full_psnr
     text = write(analysis, tmp_path, 'regions')[1].read_text()
     assert 'seam-free regions' in text and "papers' tiles" in text
 
