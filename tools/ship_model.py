@@ -4,23 +4,30 @@
         --experiment experiments/cdnsr_carn_x4 \
         --photos datasets/heldout/Testfull --threads 2
 
+    # a model made otherwise (e.g. branches of one training and a router from tools/fit_router.py):
+    python tools/ship_model.py --name NAME --network FIT/network.yml --checkpoint FIT/net_g.pth \
+        --training TRAINING.json --set-budget 0.6 --photos datasets/heldout/Testfull --threads 2
+
 Writes ``cdnsr_plugin/weights/<name>.pth`` (``{'params': ...}``, the network's weights only),
 ``<name>.yml`` (its ``network_g``) and ``<name>.json`` (the manifest; see ``cdnsr_plugin.weights``), each
 atomically. The figures are measured here, by the tester (``tools/test_patches.py --compare-backbone``, the
 routed model (its classifier's own decision, or a cost knob: ``--set-budget`` over the photos, ``--budget`` per
 image) against its own largest branch on
-the whole image and on the papers' tiles):
+the whole image, in tiles with exact context (the same image; the speed baseline is the faster of the two)
+and on the papers' tiles):
 
 * on ``--photos`` (LR_bicubic/X4 + HR, as ``tools/make_test_sets.py`` writes them; the held-out photos of
-  ../shared/data/photos): mean PSNR (Y), executed FLOPs in % of the backbone on the whole image, and the
-  routed / whole-image time ratio (one timed run per image and setting after a warm-up, ``--threads``
-  threads; the ratio of the summed times and the median of the per-image ratios);
+  ../shared/data/photos): mean PSNR (Y and RGB), executed FLOPs in % of the backbone on the whole image, and
+  the routed time against the whole image, the tiled backbone and the faster of the two (one timed run per
+  image and setting after a warm-up, ``--threads`` threads; the ratio of the summed times and the median of
+  the per-image ratios);
 * on the scikit-image photo ``weights.CHECK_PHOTO`` (``weights.check_pair``): the PSNR (Y) that
   ``tests/test_weights.py`` reproduces.
 
 The training facts (command, options, iterations, data and its terms, date, train time) are read from the
-option file and the experiment's log. Choose the routing (argmax, ``--set-budget`` or ``--budget``) on a
-validation split of the training photos, never on the held-out photos (README, "Shipped models").
+option file and the experiment's log (``--options``), or given as JSON (``--training``). Choose the routing
+(argmax, ``--set-budget`` or ``--budget``) on a validation split of the training photos, never on the held-out
+photos (README, "Shipped models").
 """
 from __future__ import annotations
 
@@ -64,20 +71,30 @@ def setting(report: dict, kind: str) -> dict:
 
 
 def figures(report: dict) -> dict:
-    routed, full, patch = (setting(report, kind) for kind in ('routed', 'backbone-full', 'backbone-patch'))
+    """The manifest's figures from one tester report: Y and RGB PSNR of the routed model and of its backbone on
+    the whole image; times against the whole image, the backbone in tiles with exact context (the same image)
+    and the faster of the two (``time_ratio_fastest``: the speed claim)."""
+    kinds = ('routed', 'backbone-full', 'backbone-tiled', 'backbone-patch')
+    routed, full, tiled, patch = (setting(report, kind) for kind in kinds)
     per_image = [
-        r['time_s'] / f['time_s'] for r, f in zip(routed['images'], full['images']) if r['time_s'] and f['time_s']
+        r['time_s'] / min(f['time_s'], t['time_s'])
+        for r, f, t in zip(routed['images'], full['images'], tiled['images'])
+        if r['time_s'] and f['time_s'] and t['time_s']
     ]
-    rows = [s['sets'][0] for s in (routed, full, patch)]
+    rows = [s['sets'][0] for s in (routed, full, tiled, patch)]
+    fastest = min(rows[1]['time_s'], rows[2]['time_s'])
     return {
         'psnr_routed': rows[0]['psnr_y'], 'psnr_backbone_full': rows[1]['psnr_y'],
-        'psnr_backbone_patch': rows[2]['psnr_y'], 'ssim_routed': rows[0]['ssim_y'],
+        'psnr_backbone_patch': rows[3]['psnr_y'], 'psnr_rgb_routed': rows[0]['psnr'],
+        'psnr_rgb_backbone_full': rows[1]['psnr'], 'ssim_routed': rows[0]['ssim_y'],
         'ssim_backbone_full': rows[1]['ssim_y'],
         'executed_flops_pct': rows[0]['flops']['paper']['percent_of_full_image'],
         'executed_macs_pct': rows[0]['flops']['macs']['percent_of_full_image'], 'class_counts': rows[0]['counts'],
         'time_routed_s': rows[0]['time_s'], 'time_backbone_full_s': rows[1]['time_s'],
-        'time_ratio': rows[0]['time_s'] / rows[1]['time_s'],
-        'time_ratio_median_per_image': statistics.median(per_image), 'images': rows[0]['images']
+        'time_backbone_tiled_s': rows[2]['time_s'], 'backbone_tiled': report['network'].get('backbone_tiled'),
+        'time_ratio': rows[0]['time_s'] / rows[1]['time_s'], 'time_ratio_tiled': rows[0]['time_s'] / rows[2]['time_s'],
+        'time_ratio_fastest': rows[0]['time_s'] / fastest,
+        'time_ratio_fastest_median_per_image': statistics.median(per_image), 'images': rows[0]['images']
     }
 
 
@@ -100,8 +117,20 @@ def training_facts(options: Path, experiment: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--name', required=True)
-    parser.add_argument('--options', type=Path, required=True, help='the training option file')
-    parser.add_argument('--experiment', type=Path, required=True, help='experiments/<name> of that training')
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--options', type=Path, help='the training option file (with --experiment)')
+    source.add_argument(
+        '--network',
+        type=Path,
+        help='option file with network_g of a model made otherwise (with '
+        '--checkpoint and --training), e.g. tools/fit_router.py\'s network.yml')
+    parser.add_argument('--experiment', type=Path, help='experiments/<name> of that training')
+    parser.add_argument('--checkpoint', type=Path, help='weights of --network')
+    parser.add_argument(
+        '--training',
+        type=Path,
+        help='JSON of the training facts of --network (the manifest\'s '
+        '"training" section: command, data, iterations, stages, date, ...)')
     knob = parser.add_mutually_exclusive_group()
     knob.add_argument(
         '--set-budget',
@@ -123,9 +152,20 @@ def main(argv: list[str] | None = None) -> int:
         help='folder of the shipped models (default: this checkout\'s cdnsr_plugin/weights, not the installed copy; '
         'pip install . then ships them)')
     args = parser.parse_args(argv)
+    if args.options is not None and args.experiment is None:
+        parser.error('--options needs --experiment (the folder of that training)')
+    if args.network is not None and (args.checkpoint is None or args.training is None):
+        parser.error('--network needs --checkpoint and --training')
 
-    opt = load_options(args.options)
-    state = torch.load(args.experiment / 'models' / 'net_g_latest.pth', map_location='cpu', weights_only=True)
+    if args.options is not None:
+        opt = load_options(args.options)
+        weights_path = args.experiment / 'models' / 'net_g_latest.pth'
+        training = training_facts(args.options, args.experiment)
+    else:
+        opt = load_options(args.network)
+        weights_path = args.checkpoint
+        training = json.loads(args.training.read_text())
+    state = torch.load(weights_path, map_location='cpu', weights_only=True)
     params = state.get('params', state)
     folder = args.into
     # everything is written and measured in a staging folder beside the shipped models and moved in only when
@@ -163,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         'sha256': weights.sha256(pth),
         'scale': opt['scale'],
         'routing': {'budget': args.budget, 'set_budget': args.set_budget, 'convention': 'paper'},
-        'training': training_facts(args.options, args.experiment),
+        'training': training,
         'figures': {
             'photos': f'{args.photos} ({held_out["images"]} photos, MATLAB-bicubic x4 LR)',
             **held_out, 'threads': args.threads, 'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, '
@@ -182,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     f = held_out
     print(f"{args.name}: routed {f['psnr_routed']:.3f} dB vs backbone whole image {f['psnr_backbone_full']:.3f} dB "
           f"({f['psnr_routed'] - f['psnr_backbone_full']:+.3f}), executed FLOPs {f['executed_flops_pct']:.1f}%, "
-          f"time ratio {f['time_ratio']:.2f} (median per image {f['time_ratio_median_per_image']:.2f}); "
+          f"time x{f['time_ratio_fastest']:.2f} the faster backbone (whole x{f['time_ratio']:.2f}, tiled "
+          f"x{f['time_ratio_tiled']:.2f}; median per image {f['time_ratio_fastest_median_per_image']:.2f}); "
           f"check photo {check['psnr_routed']:.3f} dB")
     return 0
 
