@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 FOLDER = Path(__file__).resolve().parent
-DEFAULT_MODEL = 'cdnsr_carn_x4'
+DEFAULT_MODEL = 'cdnsr_carn_x4_gain'
 
 
 def names() -> list[str]:
