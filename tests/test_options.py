@@ -24,10 +24,12 @@ def test_the_layout_users_type():
     assert {name.split('/')[0] for name in FILES if '/' in name} == {'demo', 'networks', 'reference', 'test'}
     folders = [name.split('/')[0] for name in FILES if '/' in name]
     assert (len(top), folders.count('networks'), folders.count('test')) == (12, 4, 8)  # 4 backbones
-    # one training file per shipped model, named after it
+    # the training file of every shipped model (a model whose branches come from another names that one), and the
+    # static network of the equal-cost frontier
     from cdnsr_plugin import weights
-    shipped = {f'reference/train_{name}.yml' for name in weights.names()}
-    assert {name for name in FILES if name.startswith('reference/')} == shipped
+    shipped = {weights.manifest(name)['training']['options'].removeprefix('options/') for name in weights.names()}
+    expected = shipped | {'reference/train_static_carn52_x4.yml'}
+    assert {name for name in FILES if name.startswith('reference/')} == expected
 
 
 @pytest.mark.parametrize('relative', FILES)

@@ -10,7 +10,7 @@ from cdnsr_plugin.registry import register
 
 REPO_OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 
-PLUGIN_ARCHS = {'FSRCNN', 'CARN', 'PatchClassifier', 'CDNSRNet'}
+PLUGIN_ARCHS = {'FSRCNN', 'CARN', 'PatchClassifier', 'GainRouter', 'CDNSRNet'}
 
 
 def test_import_registers_every_arch_as_the_plugin_class():
