@@ -117,8 +117,26 @@ def _safe_ordered_loader() -> type:
     return SafeOrderedLoader
 
 
+class OptionFileError(ValueError):
+    """An option file that cannot be read: a YAML syntax error, a duplicate key, a tag that would build a Python
+    object (``!!python/object``), an alias bomb, bytes that are not UTF-8. The message is one line naming the file
+    and the place; every entry prints it and exits with status 2 (a ``ValueError``, so the tools' handlers do)."""
+
+
+def describe_yaml_error(path: str, exc: BaseException) -> str:
+    """One line for a YAML (or decoding) error in ``path``: what, and where (line and column)."""
+    problem = getattr(exc, 'problem', None) or getattr(exc, 'context', None) or str(exc).splitlines()[0]
+    mark = getattr(exc, 'problem_mark', None) or getattr(exc, 'context_mark', None)
+    where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else ''
+    if 'python/' in str(problem) or 'python/' in str(exc):
+        problem = ('a !!python/... tag asks YAML to build a Python object; option files are read with a safe loader '
+                   'and hold plain values only: ' + str(problem))
+    return f'{path}: not a usable option file: {" ".join(str(problem).split())}{where}'
+
+
 def use_safe_yaml() -> None:
-    """Make basicsr's ``parse_options`` read option files with a safe YAML loader."""
+    """Make basicsr's ``parse_options`` read option files with a safe YAML loader, and turn an unreadable option
+    file into one line and exit status 2 (``basicsr.train``/``basicsr.test`` and the plugin's entries)."""
     from basicsr.utils import options
 
     if getattr(options.ordered_yaml, '_cdnsr_safe', False):
@@ -131,13 +149,41 @@ def use_safe_yaml() -> None:
 
     ordered_yaml._cdnsr_safe = True  # type: ignore[attr-defined]
     options.ordered_yaml = ordered_yaml
+    parse = options.parse_options
+
+    def parse_options(root_path: str, is_train: bool = True):  # type: ignore[no-untyped-def]
+        import yaml
+        try:
+            return parse(root_path, is_train)
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            print('error: ' + describe_yaml_error(_option_argument(), exc), file=sys.stderr)
+            raise SystemExit(2) from None
+
+    options.parse_options = parse_options
+    for module in ('basicsr.train', 'basicsr.test'):  # they imported the function by name
+        imported = sys.modules.get(module)
+        if imported is not None and hasattr(imported, 'parse_options'):
+            imported.parse_options = parse_options
+
+
+def _option_argument() -> str:
+    """The ``-opt`` value on the command line (how BasicSR's parser names the option file)."""
+    argv = sys.argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg == '-opt':
+            return argv[i + 1]
+    return next((arg.split('=', 1)[1] for arg in argv if arg.startswith('-opt=')), 'the option file')
 
 
 def load_yaml(path: str) -> dict:
-    """Read an option file with the same safe, order-keeping loader basicsr now uses."""
+    """Read an option file with the same safe, order-keeping loader basicsr now uses. Raises ``OptionFileError``
+    (one line) when the file is not readable YAML of plain values, ``FileNotFoundError`` when it is missing."""
     import yaml
-    with open(path, encoding='utf-8') as handle:
-        return yaml.load(handle, Loader=_safe_ordered_loader())  # noqa: S506 (safe loader)
+    try:
+        with open(path, encoding='utf-8') as handle:
+            return yaml.load(handle, Loader=_safe_ordered_loader())  # noqa: S506 (safe loader)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise OptionFileError(describe_yaml_error(path, exc)) from None
 
 
 def resume_candidates(opt: dict) -> list[str]:
@@ -158,8 +204,10 @@ def resume_candidates(opt: dict) -> list[str]:
 def load_resume_state(opt: dict) -> Optional[dict]:
     """BasicSR's ``load_resume_state`` with two fixes: it runs without CUDA (states mapped to the CPU), and a
     state that does not load (a kill during BasicSR's direct ``torch.save`` leaves a truncated file) is skipped
-    with a warning naming it, falling back to the next newest, whose network checkpoint then resumes. Raises
-    ``RuntimeError`` naming every file tried when none loads. ``weights_only`` loading throughout."""
+    with a warning naming it, falling back to the next newest, whose network checkpoint then resumes. Exits with
+    status 2 (one message naming every file tried) when none loads, and when the state lies past
+    ``train.total_iter`` (BasicSR would train nothing and save the state's weights over ``net_g_latest.pth``).
+    ``weights_only`` loading throughout."""
     import torch
     from basicsr.utils.misc import check_resume
     if torch.cuda.is_available():
@@ -176,12 +224,24 @@ def load_resume_state(opt: dict) -> Optional[dict]:
             skipped.append(f'{path} ({type(exc).__name__}: {exc})')
             warnings.warn(f'training state {path} does not load ({type(exc).__name__}: {exc}); trying an older one')
             continue
+        total = (opt.get('train') or {}).get('total_iter')
+        if isinstance(total, int) and int(state['iter']) > total:  # BasicSR would train nothing, then save the
+            # state's weights as net_g_latest.pth over the final model
+            print(
+                f"error: training state {path} is at iteration {int(state['iter'])}, past train.total_iter {total}: "
+                'nothing would be trained and models/net_g_latest.pth would be overwritten with its weights. Raise '
+                'total_iter to continue the run, or start a new experiment name',
+                file=sys.stderr)
+            raise SystemExit(2)
         opt['path']['resume_state'] = path
         check_resume(opt, state['iter'])
         return state
     if skipped:
-        raise RuntimeError('no training state could be loaded: ' + '; '.join(skipped) + '. Delete the broken files '
-                           'to resume from an older one, or start again without --auto_resume / resume_state')
+        print(
+            'error: no training state could be loaded: ' + '; '.join(skipped) + '. Delete the broken files to '
+            'resume from an older one, or start again without --auto_resume / resume_state',
+            file=sys.stderr)
+        raise SystemExit(2)
     return None
 
 

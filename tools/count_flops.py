@@ -29,20 +29,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    path = Path(args.opt)
+    try:
+        print(describe(Path(args.opt), args))
+    except ValueError as exc:  # an unreadable option file included (compat.OptionFileError)
+        print(f'count_flops: {exc}', file=sys.stderr)
+        return 2
+    return 0
+
+
+def describe(path: Path, args: argparse.Namespace) -> str:
     if not path.is_file():
-        sys.exit(f'count_flops: option file {path} does not exist')
+        raise ValueError(f'option file {path} does not exist')
     opt = load_yaml(str(path))
     if not isinstance(opt, dict) or 'network_g' not in opt:
-        sys.exit(f'count_flops: {path} has no network_g section; add network_g: {{type: CDNSRNet, ...}}')
+        raise ValueError(f'{path} has no network_g section; add network_g: {{type: CDNSRNet, ...}}')
     logging.getLogger('basicsr').setLevel(logging.WARNING)
     try:
         net = build_network(opt['network_g'])
         table = cost_table(net, patch=args.patch)
     except ValueError as exc:
-        sys.exit(f'count_flops: {path}: network_g.{exc}')
-    print(json.dumps(table.to_dict(), indent=2) if args.json else format_table(table))
-    return 0
+        raise ValueError(f'{path}: network_g.{exc}') from None
+    return json.dumps(table.to_dict(), indent=2) if args.json else format_table(table)
 
 
 if __name__ == '__main__':

@@ -148,7 +148,29 @@ def _label_errors(phase: str, dataset: dict, opt: dict) -> list[str]:
     return []
 
 
-def _schedule_errors(train: dict) -> list[str]:
+SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR')  # BasicSR 1.4.2's setup_schedulers
+
+
+def _optimizer_error(opt: dict, optim: dict) -> Optional[str]:
+    """Whether the model class builds ``optim.type``: asked of its own ``get_optimizer`` on a dummy parameter (BasicSR
+    1.4.2 builds only Adam; a model or a later BasicSR may build more), so the check never drifts from the run."""
+    from basicsr.utils.registry import MODEL_REGISTRY
+    try:
+        model_cls = MODEL_REGISTRY.get(opt.get('model_type', 'SRModel'))
+    except KeyError:
+        return None  # BasicSR names the unknown model itself
+    kwargs = {k: v for k, v in optim.items() if k not in ('type', 'lr')}
+    try:
+        model_cls.get_optimizer(None, optim['type'], [torch.zeros(1, requires_grad=True)], 1e-3, **kwargs)
+    except NotImplementedError:
+        return (f"train.optim_g.type: {optim['type']!r} is not an optimizer {model_cls.__name__} builds "
+                '(BasicSR 1.4.2 builds Adam)')
+    except Exception as exc:  # noqa: BLE001 (a wrong keyword, a bad value)
+        return f"train.optim_g ({optim['type']}): {' '.join(str(exc).split())}"
+    return None
+
+
+def _schedule_errors(opt: dict, train: dict) -> list[str]:
     errors = []
     total = train.get('total_iter')
     if not (_is_int(total) and total > 0):
@@ -157,6 +179,60 @@ def _schedule_errors(train: dict) -> list[str]:
     if isinstance(optim, dict) and 'lr' in optim and not (_is_finite_number(optim['lr']) and optim['lr'] > 0):
         errors.append(f"train.optim_g.lr must be a positive number, got {optim['lr']!r} (write 1.0e-3, not '1e-3': "
                       'YAML reads 1e-3 as text)')
+    if not isinstance(optim, dict) or 'type' not in optim:
+        errors.append('train.optim_g is missing (or has no type): e.g. optim_g: {type: Adam, lr: !!float 2e-4}')
+    else:
+        error = _optimizer_error(opt, optim)
+        errors += [error] if error else []
+    scheduler = train.get('scheduler')
+    if scheduler is not None and not (isinstance(scheduler, dict) and scheduler.get('type') in SCHEDULERS):
+        got = scheduler.get('type') if isinstance(scheduler, dict) else scheduler
+        errors.append(f"train.scheduler.type must be one of {', '.join(SCHEDULERS)} (BasicSR's schedulers), "
+                      f'got {got!r}')
+    return errors
+
+
+def _resume_errors(opt: dict, net: Optional[torch.nn.Module]) -> list[str]:
+    """``path.resume_state``: a state these tools can load safely, of this experiment, before the end of the schedule,
+    whose network checkpoint (the one BasicSR's ``check_resume`` will load) fits the network."""
+    path = (opt.get('path') or {}).get('resume_state')
+    if not path:
+        return []
+    state_path = Path(str(path))
+    if not state_path.is_file():
+        return [f'path.resume_state: {path} does not exist']
+    try:
+        state = torch.load(state_path, map_location='cpu', weights_only=True)
+        resume_iter = int(state['iter'])
+    except Exception as exc:  # noqa: BLE001 (a pickle with code, a truncated file, not a state)
+        reason = ' '.join(str(exc).split('\n')[0].split())[:200]
+        return [
+            f'path.resume_state: {path} is not a training state that loads safely (weights only): '
+            f'{type(exc).__name__}: {reason}. Give a <iter>.state file that BasicSR saved'
+        ]
+    errors = []
+    name = opt.get('name')
+    if state_path.parent.name == 'training_states' and state_path.parent.parent.name != name:
+        errors.append(f'path.resume_state: {path} belongs to the experiment {state_path.parent.parent.name!r}, '
+                      f'not to name: {name!r}; BasicSR would resume into experiments/{name}/ without its models. '
+                      f'Set name: {state_path.parent.parent.name} to continue that run, or start a new one from its '
+                      'weights with path.pretrain_network_g')
+        return errors
+    total = (opt.get('train') or {}).get('total_iter')
+    if _is_int(total) and resume_iter > total:
+        errors.append(f'path.resume_state: {path} is at iteration {resume_iter}, past train.total_iter {total}: '
+                      'nothing would be trained and models/net_g_latest.pth would be overwritten with the weights of '
+                      f'iteration {resume_iter}. Raise total_iter to continue, or leave resume_state out')
+    models = state_path.parent.parent / 'models'
+    network = models / f'net_g_{resume_iter}.pth'
+    if net is not None and not network.is_file():
+        errors.append(f'path.resume_state: {path} needs its network checkpoint {network}, which does not exist')
+    elif net is not None:
+        try:
+            load_weights(net, network, 'params', True)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f'path.resume_state: {exc} (a state from another network? network_g must be the one '
+                          'the state was trained with)')
     return errors
 
 
@@ -191,13 +267,13 @@ def check_training_options(opt: dict) -> list[str]:
         train = opt.get('train')
         if not isinstance(train, dict):
             return errors + ['train is missing: give total_iter, optim_g and the losses']
-        errors += _schedule_errors(train)
+        errors += _schedule_errors(opt, train)
         if opt.get('model_type') in ROUTED_MODELS:
             errors += _routed_errors(opt, train, net)
         elif train.get('stages') is not None:
             errors.append(f"train.stages ({', '.join(STAGE_NAMES)}) need model_type: CDNSRModel, got "
                           f"{opt.get('model_type')!r}")
-        errors += _pretrained_errors(opt, net)
+        errors += _pretrained_errors(opt, net) + _resume_errors(opt, net)
     return errors
 
 
@@ -224,8 +300,32 @@ def check_before_folders() -> None:
             if errors:
                 print(format_errors(getattr(args, 'opt', 'options'), errors), file=sys.stderr)
                 raise SystemExit(2)
+            lock_experiment(opt)
         return opt, args
 
     parse_options._cdnsr_checked = True  # type: ignore[attr-defined]
     options.parse_options = parse_options
     basicsr_train.parse_options = parse_options
+
+
+def lock_experiment(opt: dict) -> None:
+    """Hold ``experiments/<name>.lock`` (``utils.locks``) for the rest of this process, taken by rank 0 before
+    BasicSR creates, archives or resumes ``experiments/<name>/``: a second run of the same name would archive the
+    first run's folder while the first keeps saving into the second's, and one overwrites the other's final
+    weights. It fails at once with one line naming the running process, exit 2. A dead run's lock is taken over
+    with a note; the lock file is removed when this process exits."""
+    import atexit
+
+    from cdnsr_plugin.utils.locks import RunLock
+    if opt.get('rank', 0) != 0:
+        return
+    root = (opt.get('path') or {}).get('experiments_root')
+    if not root:
+        return
+    lock = RunLock(root, 'experiment', 'give this run another name: in the option file')
+    try:
+        lock.acquire()
+    except FileExistsError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        raise SystemExit(2) from None
+    atexit.register(lock.release)

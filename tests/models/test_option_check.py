@@ -76,6 +76,11 @@ CASES = {
     '2-branch checkpoint as pretrain_network_g': (
         lambda o, t: o['path'].update(pretrain_network_g=str(two_branch_checkpoint(t / 'two.pth', o))),
         'path.pretrain_network_g: checkpoint'),
+    'unknown optimizer': (lambda o, t: o['train']['optim_g'].update(type='Adamm'),
+                          "train.optim_g.type: 'Adamm' is not an optimizer CDNSRModel builds"),
+    'unknown scheduler': (lambda o, t: o['train']['scheduler'].update(type='StepLR'),
+                          'train.scheduler.type must be one of MultiStepLR, MultiStepRestartLR, '
+                          "CosineAnnealingRestartLR (BasicSR's schedulers), got 'StepLR'"),
     'label outside the classes': (lambda o, t: o['datasets']['train'].update(
         label_file=str(relabelled(t,
                                   Path(o['datasets']['train']['dataroot_lq']).parent))), 'label 7 of'),
