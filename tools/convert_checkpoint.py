@@ -16,7 +16,8 @@ in [0, 1] like every plugin network (the official RCAN took 0-255: the conversio
 or cannot be converted: cdnsr_plugin/deploy/convert.py.
 
 Exit status 0 on success, 2 with a one-line ``error: ...`` on bad input (missing or unreadable file, not a
-state dict, unknown layout, a key or shape that does not match).
+state dict, unknown layout, a key or shape that does not match, NaN or inf weights: the part, e.g.
+``net2 (becomes branch1)``, and its key are named); nothing is written then.
 """
 import argparse
 import io

@@ -4,11 +4,17 @@
         --checkpoint experiments/<name>/models/net_g_latest.pth --out exports/CDNSR_FSRCNN_x4
     python tools/test_patches.py --input LR_DIR --backend onnxruntime --onnx exports/CDNSR_FSRCNN_x4
 
-Writes classifier.onnx, branch0.onnx, ... (dynamic batch, height and width) and manifest.json (scale, branch
-order and options, halo, costs, sha256 of each file, the command), after checking every file with onnxruntime
-against PyTorch (max abs difference <= 1e-4 at two input sizes): see cdnsr_plugin/deploy/onnx_export.py.
+Writes classifier.onnx, branch0.onnx, ... (dynamic batch, height and width; each records its role, branch
+index, scale and costs in its ONNX metadata) and manifest.json (scale, branch order and options, halo, costs,
+sha256 of each file, the command, a checksum of its own content), after checking every file with onnxruntime
+against PyTorch (max abs difference <= 1e-4 at two input sizes): see cdnsr_plugin/deploy/onnx_export.py. The
+tester refuses an export whose manifest was edited or whose files do not match it. Files are written into
+--out only once all of them passed the check; a second export into the same --out while one runs fails at
+once (lock <out>.lock). --overwrite replaces an earlier export (its manifest.json and the files it names)
+and refuses, changing nothing, a folder holding anything else.
 Needs the optional extra: pip install '.[onnx]'. Exit status 2 on bad input, a non-empty --out (without
---overwrite), a part that fails the check, or onnx missing.
+--overwrite, or with files --overwrite may not replace), another export running into --out, a part that
+fails the check, or onnx missing.
 """
 import argparse
 import logging
@@ -32,7 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help='ONNX opset (default %(default)s)')
     parser.add_argument('--patch', type=int, default=32, help='LR tile side the costs are measured at (default 32)')
     parser.add_argument('--stride', type=int, default=28, help='the papers\' tile step, recorded (default 28)')
-    parser.add_argument('--overwrite', action='store_true', help='replace an earlier export in --out')
+    parser.add_argument(
+        '--overwrite',
+        action='store_true',
+        help='replace an earlier export in --out (refused if --out holds anything else: nothing is changed)')
     parser.add_argument(
         '--no-exact-halo',
         action='store_true',
@@ -67,8 +76,8 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             command=command,
             exact_halo=not args.no_exact_halo)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f'export_onnx: error: {exc}', file=sys.stderr)
+    except (ValueError, OSError, KeyError) as exc:  # OSError: the lock (another export), a full disk, a bad path
+        print(f'export_onnx: error: {" ".join(str(exc).split())}', file=sys.stderr)
         return 2
     worst = max(entry['max_abs_diff'] for entry in [manifest['classifier'], *manifest['branches']])
     print(f"Exported the classifier and {manifest['num_classes']} branches (x{manifest['scale']}, opset "

@@ -8,7 +8,9 @@ tensor shapes, checks the whole file against the official layout those imply (ev
 shape, nothing else), checks the branch order (widths increase net1 < net2 < ...: ``net1`` is the simple
 branch, the plugin's ``branches[0]``), maps every tensor, and checks that the result fills the plugin network
 exactly (``load_state_dict(strict=True)``). Any mismatch raises ``ValueError`` naming the key, the expected and
-the found shape.
+the found shape. Non-finite values (NaN or inf) are refused twice, naming the part and the key: in the file
+(a diverged or damaged checkpoint: ``net2 (becomes branch1): net2.head_conv.0.weight ...``), and in the result
+(a fold that overflows, e.g. a BatchNorm ``running_var`` at or below ``-eps``); nothing is written then.
 
 What each variant becomes (the converted network takes RGB in [0, 1], like every plugin network):
 
@@ -551,6 +553,31 @@ def _split(state: State) -> tuple[State, dict[int, State]]:
     return classifier, branches
 
 
+def _non_finite(state: State, prefix: str) -> Optional[str]:
+    """The first tensor of ``state`` with a NaN or an inf, described (``prefix`` + key, how many), or ``None``."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                return f'{prefix}{key} ({bad} of {tensor.numel()} values)'
+    return None
+
+
+def check_finite(classifier: State, branches: dict[int, State]) -> None:
+    """Every floating tensor of the official parts is finite; otherwise a ``ValueError`` naming each bad part
+    (official name, the plugin part it becomes) and its first bad key."""
+    parts = [('classifier', 'classifier', classifier)]
+    parts += [(f'net{k}', f'branch{k - 1}', state) for k, state in sorted(branches.items())]
+    bad = [(name, plugin, found) for name, plugin, state in parts for found in [_non_finite(state, f'{name}.')]
+           if found]
+    if bad:
+        raise ValueError('non-finite weights (NaN or inf) in ' +
+                         '; '.join(f'{name}' + (f' (becomes {plugin})' if plugin != name else '') + f': {found}'
+                                   for name, plugin, found in bad) +
+                         ': the checkpoint is damaged or the training that wrote it diverged; '
+                         'nothing was converted (use another checkpoint)')
+
+
 def detect_arch(branch: State) -> Optional[str]:
     """The variant whose signature key ``branch`` (one ``net<k>``, prefix removed) holds, else ``None``."""
     found = [name for name, variant in VARIANTS.items() if variant.signature in branch]
@@ -571,6 +598,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], arch: Optional[str] = 
     if arch is not None and arch not in VARIANTS:
         raise ValueError(f'arch must be one of {", ".join(ARCHS)}, got {arch!r}')
     classifier_state, branch_states = _split(as_state_dict(state))
+    check_finite(classifier_state, branch_states)
     detected = detect_arch(branch_states.get(1, {}))
     if arch is None:
         if detected is None:
@@ -635,7 +663,15 @@ def _fit(network: dict, tensors: State) -> State:
     if missing or extra or wrong:
         raise ValueError(f'the mapping does not fill the plugin network: missing {missing[:4]}, extra {extra[:4]}, '
                          f'wrong shapes (key, plugin, mapped) {wrong[:4]}')
-    return {key: tensors[key].to(own[key].dtype).contiguous() for key in own}
+    result = {key: tensors[key].to(own[key].dtype).contiguous() for key in own}
+    found = _non_finite(result, '')
+    if found:  # the file is finite (check_finite): a fold overflowed
+        part = re.match(r'branches\.(\d+)\.', found)
+        where = f'branch{part.group(1)} (from net{int(part.group(1)) + 1})' if part else 'the classifier'
+        raise ValueError(f'the conversion gives non-finite values (NaN or inf) in {where}: {found}, although the '
+                         'checkpoint is finite: a folded BatchNorm or mean shift overflows (e.g. a running_var at or '
+                         'below -1e-5, or values beyond float32); nothing was converted')
+    return result
 
 
 def _notes(arch: str, hypers: dict[int, dict], branch_opts: list[dict]) -> list[str]:

@@ -9,8 +9,22 @@ be measured on an ONNX file; the export measured them on the torch network and t
 ``cost_coefficients`` and ``resolve_halo`` (the engine asks for them when a network has them), and
 ``cost_table`` (the tester's per-tile costs).
 
-Every file's sha256 is checked against the manifest before it is loaded (the bytes that are hashed are the
-bytes that are loaded); a mismatch names the file. Only ``manifest.json`` and the ``.onnx`` files it names are
+Nothing the manifest claims is taken on trust (``load_exported`` refuses, with a ``ValueError`` naming the
+manifest file and the key, before any image is processed):
+
+* the manifest's own checksum: ``manifest_sha256`` holds the sha256 of each top-level key's value as canonical
+  JSON (``canonical_json``: sorted keys, no spaces); a key changed, added or removed after the export is named
+  (``read_manifest``, which the tester calls first);
+* each file's sha256 against the manifest (the bytes that are hashed are the bytes that are loaded);
+* each file's ONNX metadata (``metadata_props``, keys ``cdnsr.*``, written at export: ``part_facts``) against
+  the manifest's entry at that position: the role (classifier or branch), the branch index (the branch order),
+  the scale, the number of classes and channels, the part's per-tile costs and whole-image cost coefficients,
+  its options, and the ``export_id`` shared by the files of one export (files of two exports do not mix);
+* the graphs themselves on a tiny probe: each branch turns a 1 x C x 8 x 12 input into 1 x C' x 8 s x 12 s
+  (``s`` the manifest's scale), the classifier a patch into ``num_classes`` logits, all finite.
+
+Exports of format version 1 (no checksum, no metadata) are refused with a message to export again: they cannot
+be checked, and exporting again is one command. Only ``manifest.json`` and the ``.onnx`` files it names are
 read. onnx and onnxruntime are optional (``pip install '.[onnx]'``); importing this module does not need them.
 """
 from __future__ import annotations
@@ -29,8 +43,11 @@ from cdnsr_plugin.inference.costs import CONVENTIONS, Cost, CostTable
 from cdnsr_plugin.inference.regions import EXACT
 
 FORMAT = 'cdnsr-onnx'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest_sha256 and the cdnsr.* metadata of every file
 MANIFEST = 'manifest.json'
+CHECKSUMS = 'manifest_sha256'  # the manifest's own checksum: {key: sha256 of canonical_json(value)}
+METADATA_PREFIX = 'cdnsr.'  # the keys an export writes into each file's metadata_props
+PROBE_SIZE = (8, 12)  # (height, width) of the input each branch runs on at load, to check the scale
 CLASSIFIER_FILE = 'classifier.onnx'
 INPUT_NAME = 'lr'  # every exported part: float32 (N, C, H, W), RGB in [0, 1]
 SR_OUTPUT = 'sr'  # branches: (N, C, H * scale, W * scale)
@@ -50,6 +67,59 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def canonical_json(value: Any) -> str:
+    """``value`` as JSON with sorted keys and no spaces: the same text for the same content, however the file
+    is indented (what ``manifest_sha256`` and the files' metadata hash and compare)."""
+    return json.dumps(value, sort_keys=True, separators=(',', ':'), ensure_ascii=True, allow_nan=False)
+
+
+def manifest_checksums(manifest: dict) -> dict[str, str]:
+    """The manifest's own checksum: sha256 of ``canonical_json`` of each top-level value, every key but
+    ``manifest_sha256`` itself (the export stores it there; ``read_manifest`` recomputes and compares it)."""
+    return {
+        key: sha256_of(canonical_json(value).encode('utf-8'))
+        for key, value in manifest.items() if key != CHECKSUMS
+    }
+
+
+def part_facts(manifest: dict, index: Optional[int]) -> dict[str, tuple[str, str]]:
+    """What the ONNX file at a position of ``manifest`` records about itself in its metadata: ``{metadata key:
+    (the manifest key it must agree with, the value as canonical JSON)}``; ``index`` ``None`` is the classifier,
+    else the branch at that position. The export writes these values; ``load_exported`` compares them.
+
+    Raises:
+        KeyError, IndexError, TypeError: ``manifest`` lacks a field (the caller names the manifest).
+    """
+    costs = manifest['costs']
+    facts: dict[str, tuple[str, Any]] = {
+        'format': ('format', FORMAT),
+        'role': ('classifier' if index is None else f'branches[{index}]', 'classifier' if index is None else 'branch'),
+    }
+    if index is not None:
+        facts['index'] = (f'branches[{index}]', index)
+    facts.update({
+        'export_id': ('export_id', manifest['export_id']),
+        'scale': ('scale', manifest['scale']),
+        'num_classes': ('num_classes', manifest['num_classes']),
+        'num_in_ch': ('num_in_ch', manifest['num_in_ch']),
+        'cost_patch': ('costs.patch', costs['patch']),
+    })
+    if index is None:
+        facts.update({
+            'cost': ('costs.classifier', costs['classifier']),
+            'options': ('classifier.options', manifest['classifier']['options']),
+        })
+    else:
+        facts.update({
+            'num_out_ch': ('num_out_ch', manifest['num_out_ch']),
+            'cost': (f'costs.branches[{index}]', costs['branches'][index]),
+            'full_image_coefficients': (f'costs.full_image_coefficients[{index}]',
+                                        costs['full_image_coefficients'][index]),
+            'options': (f'branches[{index}].options', manifest['branches'][index]['options']),
+        })
+    return {METADATA_PREFIX + name: (key, canonical_json(value)) for name, (key, value) in facts.items()}
+
+
 def require_onnxruntime() -> Any:
     """The ``onnxruntime`` module, or ``MissingOnnx`` saying how to install it."""
     try:
@@ -61,11 +131,13 @@ def require_onnxruntime() -> Any:
 
 
 def read_manifest(folder: Path | str) -> dict:
-    """``folder/manifest.json``, checked to be this format and version with the fields the runtime reads.
+    """``folder/manifest.json``, checked to be this format and version, to agree with its own checksum
+    (``manifest_sha256``) and to have the fields the runtime reads. The files are checked by ``load_exported``.
 
     Raises:
         FileNotFoundError: no folder or no manifest (not an export, or an export that failed its check).
-        ValueError: another format, a newer version, or a missing field (named).
+        ValueError: another format or version (version 1: export again), a key changed, added or removed after
+            the export (named), or a missing field (named).
     """
     folder = Path(folder)
     path = folder / MANIFEST
@@ -82,13 +154,66 @@ def read_manifest(folder: Path | str) -> dict:
         raise ValueError(f'{path} is not a {FORMAT} manifest (written by tools/export_onnx.py)')
     if manifest.get('format_version') != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {manifest.get('format_version')!r}; this plugin reads "
-                         f'version {FORMAT_VERSION}: export again with this version of tools/export_onnx.py')
+                         f'version {FORMAT_VERSION} (an export it can check: a checksum of the manifest and metadata '
+                         'in every file): export again with this version of tools/export_onnx.py')
+    _check_checksums(path, manifest)
     for key in ('scale', 'num_classes', 'network_g', 'classifier', 'branches', 'costs', 'halo', 'engine'):
         if key not in manifest:
             raise ValueError(f'{path} has no {key!r}; export again with tools/export_onnx.py')
     if len(manifest['branches']) != manifest['num_classes']:
         raise ValueError(f"{path}: {len(manifest['branches'])} branches for {manifest['num_classes']} classes")
     return manifest
+
+
+def _check_checksums(path: Path, manifest: dict) -> None:
+    """``manifest_sha256`` must list every key with the sha256 of its content (``manifest_checksums``)."""
+    stored = manifest.get(CHECKSUMS)
+    if not isinstance(stored, dict) or not all(isinstance(value, str) for value in stored.values()):
+        raise ValueError(f'{path} has no {CHECKSUMS!r} (the checksum of its own content) or it was edited: this '
+                         'manifest cannot be checked; export again with tools/export_onnx.py')
+    try:
+        actual = manifest_checksums(manifest)
+    except ValueError:  # NaN or inf: the export never writes them
+        raise ValueError(f'{path} holds NaN or Infinity, which the export never writes: it was edited; export again '
+                         'with tools/export_onnx.py') from None
+    for key in [*stored, *(key for key in actual if key not in stored)]:
+        if key not in actual:
+            problem = 'was removed after the export'
+        elif key not in stored:
+            problem = 'was added after the export'
+        elif stored[key] != actual[key]:
+            problem = 'was changed after the export'
+        else:
+            continue
+        raise ValueError(f'{path}: {key!r} {problem} (its content does not match {CHECKSUMS!r}, the checksum the '
+                         'export wrote); the manifest must stay as tools/export_onnx.py wrote it: export again '
+                         '(or restore the file)')
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _check_metadata(folder: Path, file: str, metadata: dict[str, str], facts: dict[str, tuple[str, str]]) -> None:
+    """The ``cdnsr.*`` metadata of ``file`` must be ``facts`` (``part_facts`` of its manifest position)."""
+    manifest = folder / MANIFEST
+    if not any(key.startswith(METADATA_PREFIX) for key in metadata):
+        raise ValueError(f'{folder / file} has no {METADATA_PREFIX}* metadata (its role, index, scale and costs, '
+                         f'which {manifest} is checked against): it was not written by this version of '
+                         'tools/export_onnx.py; export again')
+    for meta_key, (manifest_key, expected) in facts.items():
+        got = metadata.get(meta_key)
+        if got is None:
+            raise ValueError(f'{folder / file} lacks the ONNX metadata {meta_key} that {manifest} ({manifest_key}) '
+                             'is checked against: export again with tools/export_onnx.py')
+        if got != expected and meta_key == f'{METADATA_PREFIX}index':
+            raise ValueError(f'{manifest}: {manifest_key} names {file}, which was exported as branch {got} '
+                             f'(its ONNX metadata {meta_key}): the branch order was changed, so each class would run '
+                             'another branch and its FLOPs be misreported; export again with tools/export_onnx.py')
+        if got != expected:
+            raise ValueError(f'{manifest}: {manifest_key} says {_shown(expected)} but {file} was exported with '
+                             f'{_shown(got)} (its ONNX metadata {meta_key}): the manifest was edited or the file '
+                             'comes from another export; export again with tools/export_onnx.py')
 
 
 def _checked_bytes(folder: Path, entry: dict, part: str) -> bytes:
@@ -206,14 +331,14 @@ def load_exported(folder: Path | str, threads: Optional[int] = None) -> Exported
 
     Raises:
         FileNotFoundError: no manifest, or a file it names is missing.
-        ValueError: a file's sha256 differs from the manifest's (the file is named), another format, or
-            onnxruntime is missing (``MissingOnnx``).
+        ValueError: the manifest disagrees with its checksum, a file's sha256, a file's metadata or what a file
+            computes on the probe (the manifest, the key and the file are named; see the module docstring),
+            another format or version, or onnxruntime is missing (``MissingOnnx``).
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    data = {'classifier': _checked_bytes(folder, manifest['classifier'], 'classifier')}
-    for i, entry in enumerate(manifest['branches']):
-        data[f'branch{i}'] = _checked_bytes(folder, entry, f'branch{i}')
+    entries = {'classifier': manifest['classifier'], **{f'branch{i}': e for i, e in enumerate(manifest['branches'])}}
+    data = {name: _checked_bytes(folder, entry, name) for name, entry in entries.items()}
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
@@ -226,10 +351,52 @@ def load_exported(folder: Path | str, threads: Optional[int] = None) -> Exported
         except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own exception types)
             raise ValueError(f'onnxruntime cannot load {name} of {folder} ({exc})') from None
 
+    sessions = {name: session(name) for name in data}
+    for name in sessions:
+        try:
+            facts = part_facts(manifest, None if name == 'classifier' else int(name[len('branch'):]))
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ValueError(f'{folder / MANIFEST} lacks a field the files are checked against ({type(exc).__name__}: '
+                             f'{exc}); export again with tools/export_onnx.py') from None
+        metadata = dict(sessions[name].get_modelmeta().custom_metadata_map)
+        _check_metadata(folder, entries[name]['file'], metadata, facts)
     scale, channels = int(manifest['scale']), int(manifest.get('num_out_ch', 3))
-    classifier = OnnxPart(session('classifier'), CLASSIFIER_FILE, (int(manifest['num_classes']), ))
+    classifier = OnnxPart(sessions['classifier'], CLASSIFIER_FILE, (int(manifest['num_classes']), ))
     branches = [
-        OnnxPart(session(f'branch{i}'), branch_file(i), (channels, scale, scale))
+        OnnxPart(sessions[f'branch{i}'], branch_file(i), (channels, scale, scale))
         for i in range(len(manifest['branches']))
     ]
+    _probe(folder, manifest, entries, classifier, branches)
     return ExportedNet(folder, manifest, classifier, branches).eval()
+
+
+def _probe(folder: Path, manifest: dict, entries: dict[str, dict], classifier: OnnxPart,
+           branches: list[OnnxPart]) -> None:
+    """Each graph on a tiny input: the classifier gives ``num_classes`` logits for a patch, each branch upscales
+    by the manifest's scale to its ``num_out_ch`` channels, all finite (what the metadata says, seen in the
+    graph itself)."""
+    channels_in, scale = int(manifest.get('num_in_ch', 3)), int(manifest['scale'])
+    patch = int(manifest['costs']['patch'])
+    height, width = PROBE_SIZE
+    checks = [('classifier', classifier, (1, channels_in, patch, patch), (1, int(manifest['num_classes'])),
+               'num_classes')]
+    sr_shape = (1, int(manifest.get('num_out_ch', 3)), height * scale, width * scale)
+    checks += [(f'branch{i}', branch, (1, channels_in, height, width), sr_shape, 'scale')
+               for i, branch in enumerate(branches)]
+    for name, part, shape, expected, key in checks:
+        file, probe = entries[name]['file'], 'x'.join(map(str, shape))
+        try:
+            with torch.no_grad():
+                out = part(torch.full(shape, 0.5))
+        except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own exception types)
+            raise ValueError(f"onnxruntime cannot run {folder / file} on a {probe} probe "
+                             f"({' '.join(str(exc).split())[:200]}); export again with tools/export_onnx.py") from None
+        got = tuple(out.shape)
+        if got != expected:
+            what = (f'{manifest[key]} classes' if key == 'num_classes' else f'x{scale} with {expected[1]} channels')
+            raise ValueError(f"{folder / MANIFEST}: {key!r} says {what} but {file} turns a {probe} probe into "
+                             f"{'x'.join(map(str, got))}, not {'x'.join(map(str, expected))}: the manifest does not "
+                             'describe this file; export again with tools/export_onnx.py')
+        if not torch.isfinite(out).all():
+            raise ValueError(f'{folder / file} gives non-finite values (NaN or inf) on a {probe} probe of 0.5: '
+                             'export again from finite weights')

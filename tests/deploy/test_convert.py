@@ -554,3 +554,50 @@ def test_cli_output_runs_in_the_tester(tmp_path, fsrcnn_state):
                             cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert cv2.imread(str(next((tmp_path / 'res').rglob('a.png')))).shape == (160, 192, 3)
+
+
+# ----------------------------------------------------------------------------- non-finite weights (issue 25)
+
+
+def test_non_finite_weights_are_refused_naming_the_part(fsrcnn_state):
+    state = dict(fsrcnn_state)
+    state['net2.body_conv.1.weight'] = state['net2.body_conv.1.weight'].clone()
+    state['net2.body_conv.1.weight'][0, 0, 1, 1] = float('nan')
+    state['classifier.lastOut.bias'] = torch.full_like(state['classifier.lastOut.bias'], float('inf'))
+    with pytest.raises(ValueError) as error:
+        convert_state_dict(state)
+    message = str(error.value)
+    assert message.startswith('non-finite weights (NaN or inf) in classifier: classifier.lastOut.bias (3 of 3 '
+                              'values); net2 (becomes branch1): net2.body_conv.1.weight (1 of ')
+    assert 'nothing was converted' in message and 'net1' not in message and 'net3' not in message
+
+
+def test_a_fold_that_overflows_is_refused_naming_the_branch():
+    """A finite file whose BatchNorm folds to NaN (running_var below -eps: the square root of a negative)."""
+    state = container([carn_keys(nf) for nf in (8, 12, 16)])
+    state['net3.c2.1.running_var'] = torch.full_like(state['net3.c2.1.running_var'], -1.0)
+    with pytest.raises(ValueError, match=r'non-finite values \(NaN or inf\) in branch2 \(from net3\): branches\.2\.'):
+        convert_state_dict(state)
+
+
+def test_cli_refuses_non_finite_weights_with_exit_2_and_writes_nothing(tmp_path, fsrcnn_state):
+    """As a user runs it: a subprocess, exit 2, one line naming the part; the input unchanged, no output."""
+    state = dict(fsrcnn_state)
+    state['net3.tail_conv.weight'] = torch.full_like(state['net3.tail_conv.weight'], float('nan'))
+    source = tmp_path / 'diverged.pth'
+    torch.save(state, source)
+    before = source.read_bytes()
+    result = subprocess.run([
+        sys.executable,
+        str(REPO / 'tools' / 'convert_checkpoint.py'), '--input',
+        str(source), '--output',
+        str(tmp_path / 'out.pth')
+    ],
+                            capture_output=True,
+                            text=True,
+                            cwd=REPO)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: non-finite weights (NaN or inf) in net3 (becomes branch2): '
+                                                   'net3.tail_conv.weight'), result.stderr
+    assert source.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['diverged.pth']
