@@ -10,8 +10,11 @@
 No option file and no download: the model's network, weights (sha256-checked) and default routing come with
 the package (``cdnsr_plugin/weights/``). The run is ``tools/test_patches.py``'s (seam-free regions, every
 pixel covered, the same safety checks: ``--out`` is never an input folder, a non-empty ``--out`` needs
-``--overwrite``), so its report.json/csv and class maps are the tester's. Exit status as the tester's: 0 all
-images done, 1 some failed (listed), 2 bad options.
+``--overwrite``; an input image given alone is never an output), so its report.json/csv and class maps are
+the tester's. Exit status as the tester's: 0 all images done, 1 some failed (listed), 2 bad options, a damaged
+shipped model or another run writing into ``--out``, 130 interrupted (Ctrl-C: one line; rerun with
+``--overwrite`` to replace what it wrote). ``--list`` exits 1 when a shipped manifest is damaged (named on
+stderr; the other models are listed).
 """
 from __future__ import annotations
 
@@ -24,7 +27,16 @@ from cdnsr_plugin import weights
 
 
 def describe(name: str) -> str:
+    """``--list``'s lines for ``name``; ``ValueError`` naming the manifest if it cannot be used."""
     info = weights.manifest(name)
+    try:
+        return _describe(name, info)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f'{weights.manifest_path(name)}: its routing or figures are incomplete or not numbers '
+                         f'({type(exc).__name__}: {exc}); reinstall the package (pip install .)') from None
+
+
+def _describe(name: str, info: dict) -> str:
     figures = info.get('figures', {})
     default = ' (default)' if name == weights.DEFAULT_MODEL else ''
     lines = [f"{name}{default}: {info.get('description', '')}", f'  routing: {weights.routing(name)}']
@@ -88,12 +100,34 @@ def tester_args(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def list_models() -> int:
+    """``--list``: every usable shipped model on stdout; a damaged manifest named on stderr (exit 1), the others
+    still listed."""
+    lines, broken = [], []
+    for name in weights.names():
+        try:
+            lines.append(describe(name))
+        except ValueError as exc:
+            broken.append(str(exc))
+    print('\n'.join(lines) or 'no usable shipped models')
+    for message in broken:
+        print(f'error: {message}', file=sys.stderr)
+    return 1 if broken else 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
+        return _main(args)
+    except KeyboardInterrupt:  # the tester's part prints its own line; this is the set-up's (checksums)
+        print('cdnsr-sr: interrupted before any image was written: nothing to clean up', file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
         if args.list:
-            print('\n'.join(describe(name) for name in weights.names()) or 'no shipped models')
-            return 0
+            return list_models()
         if args.input is None:
             raise ValueError('give an image or a folder of images (cdnsr-sr photo.png), or --list')
         if not args.input.exists():

@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         'network': yml.name,
         'checkpoint': pth.name,
         'sha256': weights.sha256(pth),
+        'network_sha256': weights.sha256(yml),
         'scale': opt['scale'],
         'routing': {'budget': args.budget, 'set_budget': args.set_budget, 'convention': 'paper'},
         'training': training,

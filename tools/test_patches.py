@@ -5,6 +5,10 @@
 
 Writes results/<name>/: <set>/<image>.png (exactly scale x the LR), <set>/<image>_classmap.png,
 report.json, report.csv and, with --sweep, psnr_flops.png. ``--help`` lists every option.
+
+The results folder is locked while a run writes it (``<out>.lock``): a second run into it fails at once (exit 2)
+naming the first one's process. Ctrl-C prints one line and exits 130; what the run wrote is listed in
+``<out>/run_in_progress.json`` and a rerun with ``--overwrite`` replaces it.
 """
 import sys
 

@@ -85,8 +85,13 @@ def _vgg19_features(layer: str) -> nn.Sequential:
 
 
 def _load_features(features: nn.Sequential, path: Path) -> None:
-    """Load the ``features.<i>.*`` entries of a torchvision VGG-19 state dict into ``features``."""
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    """Load the ``features.<i>.*`` entries of a torchvision VGG-19 state dict into ``features``; a file that
+    cannot be loaded with ``weights_only=True`` is refused in one paragraph naming it (``load_tensors``)."""
+    from cdnsr_plugin.utils.checkpoint import load_tensors
+    state = load_tensors(path, 'ContrastiveKDLoss: the VGG-19 weights file')
+    if not isinstance(state, dict):
+        raise ValueError(f'ContrastiveKDLoss: {path} holds a {type(state).__name__}, not a torchvision VGG-19 state '
+                         f'dict ({VGG19_FILE})')
     wanted = features.state_dict().keys()
     found = {name: state[f'features.{name}'] for name in wanted if f'features.{name}' in state}
     if found.keys() != wanted:

@@ -2,7 +2,9 @@
 options and ``tester.run`` for what a run does.
 
 Exit status: 0 when every image was processed, 1 when some failed (they are listed at the end and in
-report.json), 2 when the options, network or checkpoint are wrong (nothing was processed).
+report.json), 2 when the options, network or checkpoint are wrong or another run is writing into ``--out``
+(nothing was processed), 130 when interrupted (Ctrl-C): one line says what was written, no report is written,
+and a rerun with ``--overwrite`` removes the interrupted run's outputs (listed in ``run_in_progress.json``).
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 import cdnsr_plugin  # noqa: F401  (registers the plugin's archs before the network is built)
-from cdnsr_plugin.tester.config import from_args
+from cdnsr_plugin.tester.config import TestConfig, from_args
+from cdnsr_plugin.tester.records import Report
 from cdnsr_plugin.tester.report import FULL_IMAGE_XLABEL, format_summary, sweep_series, write_report
 from cdnsr_plugin.tester.run import Runner
 from cdnsr_plugin.utils.viz import plot_psnr_flops
@@ -22,14 +25,35 @@ def printable(text: str) -> str:
     return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
 
 
+def interrupted(cfg: Optional[TestConfig], runner: Optional[Runner]) -> str:
+    """The one line a Ctrl-C prints: what the run left and how to replace it."""
+    progress = runner.progress if runner is not None else None
+    if progress is None:
+        return 'interrupted before any image was written: nothing to clean up'
+    return (f'interrupted: no report was written; the {len(progress.outputs)} output file(s) of this run so far are '
+            f'listed in {progress.path}: rerun with --overwrite to replace them')
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    cfg, runner = None, None
     try:
-        cfg = from_args(argv)
-        runner = Runner(cfg, command=' '.join(['test_patches.py', *(sys.argv[1:] if argv is None else argv)]))
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
-    report = runner.run()
+        try:
+            cfg = from_args(argv)
+            runner = Runner(cfg, command=' '.join(['test_patches.py', *(sys.argv[1:] if argv is None else argv)]))
+        except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:  # FileExistsError: --out is busy
+            print(f'error: {exc}', file=sys.stderr)
+            return 2
+        return finish(cfg, runner, runner.run())
+    except KeyboardInterrupt:
+        print(printable(interrupted(cfg, runner)), file=sys.stderr)
+        return 130
+    finally:
+        if runner is not None:
+            runner.close()
+
+
+def finish(cfg: TestConfig, runner: Runner, report: Report) -> int:
+    """Write the reports (and the plot of a sweep), print the summary; the run's progress list goes last."""
     written = list(write_report(cfg.out, report))
     if sum(s.kind == 'routed' for s in report.settings) > 1:
         series = sweep_series(report, cfg.convention)
@@ -43,6 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     xlabel=FULL_IMAGE_XLABEL))
         else:
             print('No PSNR-FLOPs plot: no image had ground truth to score (give --gt or dataroot_gt).')
+    runner.finish()
     print(printable(format_summary(report)))
     saved = next((s.images for s in report.settings if s.name == cfg.save_setting), [])
     if saved and saved[0].sr_path:

@@ -68,8 +68,9 @@ from cdnsr_plugin.inference.tiled import TileChoice, tiled_input_sizes
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.tester.config import ONNXRUNTIME, DatasetSpec, Setting, TestConfig
 from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, SettingResult
-from cdnsr_plugin.tester.safety import (check_finite_weights, check_free_space, check_memory, check_out_folder,
-                                        check_output_names, replace_earlier_run)
+from cdnsr_plugin.tester.safety import (Progress, check_finite_weights, check_free_space, check_memory,
+                                        check_out_contents, check_out_location, check_output_names, lock_out,
+                                        replace_earlier_run, sr_names)
 from cdnsr_plugin.utils.checkpoint import load_parts, load_weights
 from cdnsr_plugin.utils.image import to_tensor
 from cdnsr_plugin.utils.io import SkipImage, Skipped, list_images, read_image, write_image
@@ -140,9 +141,18 @@ def load_router(cfg: TestConfig, num_classes: int) -> Optional[LaplacianRouter]:
 
 
 # ---------------------------------------------------------------------- reading
-def input_folder(lq: Path) -> Path:
-    """The folder of the user's inputs: ``lq`` itself, or the folder of a single input image."""
-    return lq.parent if lq.is_file() else lq
+def planned_outputs(cfg: TestConfig) -> list[Path]:
+    """The SR images and class maps the run will write (``<out>/<set>/<stem>.png``, ``<stem>_classmap.png``)."""
+    if not cfg.save_images:
+        return []
+    paths = []
+    for spec in cfg.datasets:
+        try:
+            images = images_of(spec.lq, Skipped())
+        except (FileNotFoundError, ValueError):  # the run lists the folder as a failure
+            continue
+        paths += [cfg.out / spec.name / name for path in images for name in sr_names(path.stem)]
+    return paths
 
 
 def images_of(lq: Path, skipped: Skipped) -> list[Path]:
@@ -277,13 +287,33 @@ class Runner:
     """Holds the network, engine, costs and results of one run (see the module docstring)."""
 
     def __init__(self, cfg: TestConfig, command: str = '') -> None:
+        """Every check before any work (``tester.safety``), then the network. ``--out`` is locked from the first
+        write to ``close``: a second run into it fails at once (``utils.locks.Busy``)."""
         self.cfg, self.command = cfg, command or ' '.join(sys.argv)
+        self.progress: Optional[Progress] = None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
-        # before any work: nothing of the user's can be overwritten, and the results can be written
-        inputs = [folder for spec in cfg.datasets for folder in (input_folder(spec.lq), spec.gt)] + [cfg.onnx]
-        check_out_folder(cfg.out, inputs, cfg.overwrite)
+        # before any work: nothing of the user's can be overwritten, and the results can be written. A single
+        # input image protects itself (no output may be it), a folder of inputs the whole folder
+        folders = [spec.lq for spec in cfg.datasets if not spec.lq.is_file()]
+        files = [spec.lq for spec in cfg.datasets if spec.lq.is_file()]
+        files += [cfg.checkpoint, cfg.router_file, *cfg.parts.values()]
+        check_out_location(cfg.out, folders + [spec.gt for spec in cfg.datasets] + [cfg.onnx], files,
+                           planned_outputs(cfg))
+        self.lock = lock_out(cfg.out)
+        created = not cfg.out.exists()
+        try:
+            check_out_contents(cfg.out, cfg.overwrite)
+            self._set_up()
+        except BaseException:  # refused (or interrupted) before any image: a folder this run created goes too
+            if created and cfg.out.is_dir() and not any(cfg.out.iterdir()):
+                cfg.out.rmdir()
+            self.close()
+            raise
+
+    def _set_up(self) -> None:
+        cfg = self.cfg
         if cfg.save_images:
             check_output_names(spec.lq for spec in cfg.datasets if spec.lq.is_dir())
         net = load_network(cfg)
@@ -309,11 +339,26 @@ class Runner:
         if cfg.overwrite:  # every other check has passed: only now is the earlier run's output removed
             fitted = cfg.out / 'laplacian_router.json' if cfg.fit_router else None  # written by this run
             replace_earlier_run(cfg.out, [cfg.router_file, fitted, cfg.checkpoint, *cfg.parts.values()])
+        self.progress = Progress(cfg.out, self.command)  # what this run writes, listed as it goes
         self.results = [SettingResult(s.name, s.kind) for s in cfg.settings]
         self.failures: list[Failure] = []
         self.notes: list[dict] = []
         self.classified: dict[Path, tuple[torch.Tensor, float]] = {}  # set budget: logits, seconds per image
         self.shared: dict[str, SharedEta] = {}  # set budget: the eta of each setting for the current set
+
+    def finish(self) -> None:
+        """The run's report is written: its progress list goes (the report lists the outputs now) and ``--out``
+        is unlocked."""
+        if self.progress is not None:
+            self.progress.finish()
+        self.close()
+
+    def close(self) -> None:
+        """Unlock ``--out`` (also after a failure or an interruption; the progress list then stays, for
+        ``--overwrite``). Safe to call more than once."""
+        lock = getattr(self, 'lock', None)
+        if lock is not None:
+            lock.release()
 
     def run(self) -> Report:
         self.warm_up()
@@ -543,8 +588,9 @@ class Runner:
                     plan: Optional[Plan] = None) -> None:
         """Write the SR image and its class map (atomically) and note their paths in ``record``. Under
         regions the map shows the branch each pixel ran on and the executed regions' outlines."""
-        folder = self.cfg.out / spec.name
-        sr_path, overlay_path = folder / f'{stem}.png', folder / f'{stem}_classmap.png'
+        sr_path, overlay_path = (self.cfg.out / spec.name / name for name in sr_names(stem))
+        if self.progress is not None:  # listed before written: an interruption leaves nothing unlisted
+            self.progress.add(sr_path, overlay_path)
         write_image(sr_path, sr_img)
         if plan is not None:
             overlay = draw_region_map(sr_img, plan.region_map(), [r.branch for r in plan.regions], self.engine.scale,

@@ -1,21 +1,28 @@
 """Checks the tester makes before any work, so that nothing of the user's is overwritten and no run ends in
-a traceback after hours: the results folder is not an input folder (nor inside or above one) and is
-writable, with room for the images it will write; output names cannot collide; the weights are finite. Each
-raises ``ValueError`` with a message that names the folder, file or checkpoint part and says what to do (the
-command line exits with status 2).
+a traceback after hours: the results folder is not an input folder (nor inside or above one), writes no file
+over an input file and is writable, with room for the images it will write; no other run writes into it (a
+lock on ``<out>.lock``); output names cannot collide; the weights are finite. Each raises ``ValueError`` (a
+busy ``--out``: ``utils.locks.Busy``) with a message that names the folder, file or checkpoint part and says
+what to do (the command line exits with status 2).
+
+What a run writes is listed as it goes in ``<out>/run_in_progress.json`` (``Progress``), replaced by
+``report.json`` at its end: ``--overwrite`` removes the outputs either lists, so a run interrupted by Ctrl-C or a
+kill is replaced like a finished one, and nothing else of the folder is touched.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
-from cdnsr_plugin.utils.io import list_images
+from cdnsr_plugin.utils.io import list_images, write_json
+from cdnsr_plugin.utils.locks import Busy, ForeignFile, RunLock
 
 CLASSMAP_SUFFIX = '_classmap'
 
@@ -24,6 +31,8 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+PROGRESS_FILE = 'run_in_progress.json'  # the outputs of a run so far; removed once its report is written
+PROGRESS_TOOL = 'cdnsr_plugin tester'  # the marker of a progress file the tester wrote
 RUN_FILES = ('report.json', 'report.csv', 'psnr_flops.png', 'laplacian_router.json')
 
 
@@ -33,7 +42,7 @@ def _same_or_inside(path: Path, folder: Path) -> bool:
         path.resolve(), folder.resolve())
 
 
-def _listed_outputs(folder: Path) -> Optional[list[Path]]:
+def _report_outputs(folder: Path) -> Optional[list[Path]]:
     """The SR images and class maps an earlier run's ``report.json`` in ``folder`` lists, as paths inside
     ``folder`` (they are written as ``<out>/<set>/<file>``; the report may hold them relative to another working
     directory); ``None`` if there is no readable report of the tester's layout."""
@@ -54,6 +63,27 @@ def _listed_outputs(folder: Path) -> Optional[list[Path]]:
     return listed
 
 
+def _progress_outputs(folder: Path) -> Optional[list[Path]]:
+    """The outputs an unfinished (interrupted or killed) run listed in ``folder/run_in_progress.json``
+    (``Progress``), as paths inside ``folder``; ``None`` if there is no such file of the tester's."""
+    try:
+        data = json.loads((folder / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get('tool') != PROGRESS_TOOL or not isinstance(data.get('outputs'), list):
+        return None
+    return [folder / Path(v).parent.name / Path(v).name for v in data['outputs'] if isinstance(v, str) and v]
+
+
+def _listed_outputs(folder: Path) -> Optional[list[Path]]:
+    """What an earlier run's ``report.json`` and an unfinished run's progress file list (both can exist: a run
+    killed after writing its report); ``None`` if neither exists."""
+    report, progress = _report_outputs(folder), _progress_outputs(folder)
+    if report is None and progress is None:
+        return None
+    return (report or []) + (progress or [])
+
+
 def _removable(path: Path, folder: Path, protected: set[Path]) -> bool:
     """A regular file inside ``folder``, reached without symbolic links, and not one of ``protected``."""
     return (path.is_file() and not path.is_symlink() and not path.parent.is_symlink()
@@ -61,14 +91,16 @@ def _removable(path: Path, folder: Path, protected: set[Path]) -> bool:
 
 
 def earlier_run_files(folder: Path, keep: Iterable[Optional[Path]] = ()) -> list[Path]:
-    """What ``--overwrite`` may delete in ``folder``: the images an earlier run's ``report.json`` lists and its
-    report files, only if that report exists; never a path of ``keep`` (this run's inputs, e.g. a router file),
-    never through a symbolic link, never outside ``folder``."""
+    """What ``--overwrite`` may delete in ``folder``: the images an earlier run's ``report.json`` or an
+    interrupted run's ``run_in_progress.json`` lists and the run's report files, only if one of the two exists;
+    never a path of ``keep`` (this run's inputs, e.g. a router file), never through a symbolic link, never
+    outside ``folder``. The listed images go first, the files that list them last."""
     listed = _listed_outputs(folder)
     if listed is None:
         return []
     protected = {Path(p).resolve() for p in keep if p is not None}
-    candidates = dict.fromkeys(listed + [folder / name for name in RUN_FILES])  # once each, in order
+    progress = [folder / PROGRESS_FILE] if _progress_outputs(folder) is not None else []
+    candidates = dict.fromkeys(listed + [folder / name for name in RUN_FILES] + progress)  # once each, in order
     return [p for p in candidates if _removable(p, folder, protected)]
 
 
@@ -78,11 +110,22 @@ def set_folder_images(folder: Path) -> list[Path]:
                   if p.suffix.lower() == '.png' and p.is_file())
 
 
-def check_out_folder(out: Path, inputs: Iterable[Optional[Path]], overwrite: bool = False) -> None:
-    """``out`` must not be, lie inside or contain an input folder (by name or through symbolic links); it must
-    be empty (or new) unless ``overwrite`` (then ``Runner`` removes the earlier run's outputs once every other
-    check has passed: ``replace_earlier_run``); and it must be writable (a probe file is created and removed;
-    the folder itself is created as the run would)."""
+Paths = Iterable[Optional[Path]]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return Path(os.path.abspath(a)) == Path(os.path.abspath(b)) or a.resolve() == b.resolve()
+
+
+def check_out_location(out: Path, inputs: Paths, files: Paths = (), outputs: Iterable[Path] = ()) -> None:
+    """Where ``out`` may be, before anything is written. ``inputs`` are folders the run reads (an LR folder,
+    the GT folder, an export): ``out`` must not be, lie inside or contain one (by name or through symbolic
+    links). ``files`` are single files it reads (an LR image given alone, the checkpoint, a router file): none
+    may be a path the run writes (by name or through links): ``out`` itself, its report and progress files, its
+    lock, or one of ``outputs`` (the SR images and class maps it will write, ``sr_names``). So a results folder
+    inside the folder of a single input image (``cd photos && cdnsr-sr coffee.png``) is allowed, while an
+    ``--out`` where the SR image would replace the input is not (the user's other files there are protected by
+    ``check_out_contents`` and ``replace_earlier_run``)."""
     target = Path(out)
     for folder in inputs:
         if folder is None:
@@ -93,10 +136,33 @@ def check_out_folder(out: Path, inputs: Iterable[Optional[Path]], overwrite: boo
             where = 'is' if same else 'is inside' if _same_or_inside(target, Path(folder)) else 'contains'
             raise ValueError(f'--out {out} {where} the input folder {folder}: results would be written among '
                              'your images (and could replace them); choose a results folder outside the inputs')
+    written = [target, *(target / name for name in (*RUN_FILES, PROGRESS_FILE)), *outputs]
+    if target.resolve().name:  # the lock beside the folder (``lock_out``)
+        written.append(target.resolve().with_name(target.resolve().name + '.lock'))
+    for file in files:
+        if file is None or not Path(file).exists():
+            continue
+        hit = next((path for path in written if _same_file(Path(file), Path(path))), None)
+        if hit is not None:
+            raise ValueError(f'--out {out}: the run would write {hit}, which is the input file {file} (it would be '
+                             'replaced); choose another results folder')
+
+
+def sr_names(stem: str) -> tuple[str, str]:
+    """The file names of an input's SR image and class map in its set folder."""
+    return f'{stem}.png', f'{stem}{CLASSMAP_SUFFIX}.png'
+
+
+def check_out_contents(out: Path, overwrite: bool = False) -> None:
+    """``out`` must be empty (or new) unless ``overwrite`` (then ``Runner`` removes the earlier run's outputs once
+    every other check has passed: ``replace_earlier_run``); and it must be writable (a probe file is created and
+    removed; the folder itself is created as the run would)."""
+    target = Path(out)
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f'--out {out} is not empty (an earlier run?): its report would describe other images '
-                         'than the files beside it. Choose a new folder, or pass --overwrite to replace the '
-                         'earlier run\'s results (only the files its report.json lists are removed)')
+        raise ValueError(f'--out {out} is not empty (an earlier run, or an interrupted one?): its report would '
+                         'describe other images than the files beside it. Choose a new folder, or pass --overwrite '
+                         'to replace the earlier run\'s results (only the files its report.json or '
+                         f'{PROGRESS_FILE} lists are removed)')
     try:
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target, prefix='.write_probe_'):
@@ -106,17 +172,86 @@ def check_out_folder(out: Path, inputs: Iterable[Optional[Path]], overwrite: boo
                          'to') from None
 
 
+def check_out_folder(out: Path,
+                     inputs: Paths,
+                     overwrite: bool = False,
+                     files: Paths = (),
+                     outputs: Iterable[Path] = ()) -> None:
+    """``check_out_location`` then ``check_out_contents`` (without the lock that ``Runner`` takes between
+    them)."""
+    check_out_location(out, inputs, files, outputs)
+    check_out_contents(out, overwrite)
+
+
+def lock_out(out: Path, log: Optional[Callable[[str], None]] = None) -> RunLock:
+    """Hold the run lock on ``<out>.lock`` (``utils.locks``; the folder once symbolic links are followed, so two
+    spellings of one folder share it) until ``RunLock.release``: a second run into the same ``--out`` fails at
+    once with ``Busy`` naming the first run's process; the lock of a run that died is taken over with a note
+    (to ``log``, by default stderr)."""
+    target = Path(out).resolve()
+    if not target.name:
+        raise ValueError(f'--out {out} is the root folder: choose a results folder')
+    lock = RunLock(target, 'results folder (--out)', 'choose another --out')
+    try:
+        return lock.acquire(log or (lambda message: print(message, file=sys.stderr)))
+    except (Busy, ForeignFile):
+        raise
+    except OSError as exc:
+        raise ValueError(f'--out {out} is not writable ({exc.strerror or exc}): choose a folder you can write '
+                         'to') from None
+
+
+class Progress:
+    """The outputs a run has written so far, in ``<out>/run_in_progress.json``: each output is added (the file
+    rewritten atomically) before it is written, so an interrupted or killed run's outputs are all listed and a
+    rerun with ``--overwrite`` removes them as it does an earlier report's. ``finish`` removes the file once the
+    run's report is written (a finished run leaves ``report.json`` and no progress file)."""
+
+    def __init__(self, out: Path, command: str) -> None:
+        self.path = Path(out) / PROGRESS_FILE
+        self.command = command
+        self.outputs: list[str] = []
+        self._write()
+
+    def _write(self) -> None:
+        write_json(
+            self.path, {
+                'tool': PROGRESS_TOOL, 'command': self.command, 'pid': os.getpid(),
+                'note': 'written while a run is going on; the run replaces it by report.json when it ends. If it '
+                'is still here, the run was interrupted: rerun with --overwrite to remove these outputs',
+                'outputs': self.outputs
+            })
+
+    def add(self, *paths: Path) -> None:
+        """Note ``paths`` (``<out>/<set>/<file>``) as written by this run, before they are written."""
+        new = [f'{Path(p).parent.name}/{Path(p).name}' for p in paths]
+        new = [name for name in dict.fromkeys(new) if name not in self.outputs]
+        if new:
+            self.outputs += new
+            self._write()
+
+    def finish(self) -> None:
+        """The run's report is written: its list replaces this one."""
+        self.path.unlink(missing_ok=True)
+
+
 def replace_earlier_run(out: Path, keep: Iterable[Optional[Path]]) -> list[Path]:
     """``--overwrite``: delete the earlier run's outputs (``earlier_run_files``). Refused, before anything is
-    deleted, when images would remain that it may not remove (not listed by a report, e.g. left by an
-    interrupted run, or reached through a link): the new report would sit beside them. Returns the removed."""
+    deleted, when images or report files would remain that it may not remove (listed by no report or progress
+    file, e.g. the user's, or reached through a link): the new run would sit beside them or write over them.
+    Returns the removed."""
     removable = earlier_run_files(out, keep)
     chosen = set(removable)
-    left = [p for p in set_folder_images(out) if p not in chosen]
+    protected = {Path(p).resolve() for p in keep if p is not None}
+    reports = [
+        out / name for name in (*RUN_FILES, PROGRESS_FILE)
+        if (out / name).exists() and (out / name).resolve() not in protected
+    ]
+    left = [p for p in set_folder_images(out) + reports if p not in chosen]
     if left:
-        raise ValueError(f'--out {out} holds {len(left)} image(s) that --overwrite will not remove (e.g. {left[0]}: '
-                         'no report.json describes it, or it lies behind a link; an interrupted run?). Remove them '
-                         'yourself or choose a new folder')
+        raise ValueError(f'--out {out} holds {len(left)} file(s) that --overwrite will not remove (e.g. {left[0]}: '
+                         f'no report.json or {PROGRESS_FILE} of the tester describes it, or it lies behind a link). '
+                         'Remove them yourself or choose a new folder')
     for path in removable:
         path.unlink()
     return removable

@@ -2,20 +2,60 @@
 
 One place loads a checkpoint into a network (``load_weights``) and one place loads checkpoints into the
 named parts of a routed network (``load_parts``: BasicSR's ``path.pretrain_network_<part>`` keys), for
-training, validation and the tester alike.
+training, validation and the tester alike. Every file goes through ``load_tensors``: ``weights_only=True``
+(no code in the file runs) and, when the file cannot be used, one paragraph naming it and saying why (a pickle
+that would run code, a truncated file, not a PyTorch file), instead of torch's multi-line text and its advice
+to load the file with ``weights_only=False``.
 """
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
 PART_PREFIX = 'pretrain_network_'  # BasicSR's key convention: its option parsing expands ~ in these paths
 
 
+def load_error(path: str | Path, exc: BaseException, what: str = 'checkpoint') -> str:
+    """One paragraph (one line) for ``torch.load(path, weights_only=True)`` failing with ``exc``: the file, and
+    why in a few words; never torch's advice to retry with ``weights_only=False`` (it would run the file's
+    code)."""
+    text = ' '.join(str(exc).split())
+    called = re.search(r'GLOBAL ([\w.]+)', text)
+    if isinstance(exc, pickle.UnpicklingError) and called:
+        return (f'{what} {path} is refused: loading it would call {called.group(1)}, and a file that calls '
+                'functions when loaded can run any code (only tensors and plain containers are loaded); nothing was '
+                'loaded from it. Use weights saved as a state dict of tensors (torch.save(net.state_dict(), path)) '
+                'from a source you trust')
+    if isinstance(exc, OSError) and exc.strerror:
+        return f'{what} {path} cannot be read: {exc.strerror}'
+    detail = re.search(r'WeightsUnpickler error: (.+?)(?: Check the documentation|$)', text)
+    if detail:  # e.g. 'Unsupported operand 110': not a pickle the weights-only loader reads
+        first = detail.group(1)
+    else:
+        first = re.split(r'(?<=[a-z)])\. ', text, maxsplit=1)[0]
+    first = first.rstrip('. ') or repr(exc)
+    return (f'{what} {path} cannot be read ({type(exc).__name__}: {first}): the file is truncated or damaged, or '
+            'not a PyTorch weights file; use the complete .pth file')
+
+
+def load_tensors(path: str | Path, what: str = 'checkpoint') -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, no code runs from
+    the file. ``ValueError`` (one paragraph naming the file, ``load_error``) if it cannot be loaded so."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')  # the refusal follows, named
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (torch raises many types for a bad file; each becomes one message)
+        raise ValueError(load_error(path, exc, what)) from None
+
+
 def read_state_dict(path: str | Path, param_key: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint, loaded with ``weights_only=True`` (no code runs from the file).
+    """Tensors of a checkpoint, loaded with ``load_tensors`` (``weights_only=True``: no code runs from the file).
 
     BasicSR checkpoints hold ``{'params': ...}`` and/or ``{'params_ema': ...}``; ``param_key`` picks
     one, default ``params_ema`` if present, else ``params``, else the file's top level.
@@ -23,10 +63,7 @@ def read_state_dict(path: str | Path, param_key: Optional[str] = None) -> dict[s
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint {path} does not exist; pass the path of a .pth file')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as exc:
-        raise ValueError(f'cannot read checkpoint {path} as a weights-only PyTorch file ({exc})') from exc
+    state = load_tensors(path)
     if not isinstance(state, dict):
         raise ValueError(f'checkpoint {path} holds a {type(state).__name__}, not a state dict')
     if param_key is not None:

@@ -6,19 +6,23 @@ Each model ``NAME`` is three files in this folder:
   ``weights_only=True``);
 * ``NAME.yml``: its ``network_g`` option file (as ``options/networks/*.yml``; ``tools/test_patches.py
   --network``);
-* ``NAME.json``: the manifest: the sha256 of the ``.pth``, the command, option file, data (and its terms),
+* ``NAME.json``: the manifest: the sha256 of the ``.pth`` (``sha256``) and of the ``.yml``
+  (``network_sha256``), the command, option file, data (and its terms),
   iterations, date and machine that trained it, the default routing (``routing.set_budget``: FLOPs over a
   folder, ``routing.budget``: per image, both ``null``: the classifier's own decision), and its figures on the
   held-out photos of ``../shared/data/photos`` (PSNR on Y, executed FLOPs in % of the backbone on the whole
   image, routed / whole-image wall time) plus one figure on a scikit-image photo that the tests reproduce.
 
-``checkpoint(name)`` checks the sha256 before handing out the path, so a damaged or replaced file is named
-instead of silently producing other images.
+``checkpoint(name)`` and ``network_file(name)`` check the sha256 before handing out the path, so a damaged
+or replaced file is named instead of silently producing other images. Only the names ``names()`` lists are
+models (``--model ../x`` reads nothing), a manifest's files are plain names in this folder, and a manifest that
+is not valid JSON or lacks a field or checksum is refused naming the file (``--list`` still lists the others).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -28,20 +32,60 @@ if TYPE_CHECKING:
 FOLDER = Path(__file__).resolve().parent
 DEFAULT_MODEL = 'cdnsr_carn_x4_gain'
 
+REINSTALL = 'reinstall the package (pip install .)'
+FILE_FIELDS = {'checkpoint': 'sha256', 'network': 'network_sha256'}  # file field -> the field of its sha256
+
 
 def names() -> list[str]:
-    """Models shipped in this folder (those with a manifest)."""
+    """Models shipped in this folder (those with a manifest): the only names ``manifest`` accepts."""
     return sorted(path.stem for path in FOLDER.glob('*.json'))
 
 
+def manifest_path(name: str) -> Path:
+    """The manifest file of the shipped model ``name``; ``ValueError`` naming the shipped models for any other
+    name (a path such as ``../x`` included: nothing is read outside this folder)."""
+    shipped = names()
+    if not isinstance(name, str) or name not in shipped:
+        raise ValueError(f'no shipped model named {name!r}; shipped: {", ".join(shipped) or "none"} (cdnsr-sr '
+                         '--list; or give your own --network and --checkpoint to tools/test_patches.py)')
+    return FOLDER / f'{name}.json'
+
+
+def _problems(info: object) -> list[str]:
+    """What makes a parsed manifest unusable (empty if nothing)."""
+    if not isinstance(info, dict):
+        return [f'it holds a {type(info).__name__}, not a mapping']
+    problems = []
+    for field, digest in FILE_FIELDS.items():
+        value = info.get(field)
+        if not isinstance(value, str) or not value or Path(value).name != value or value in ('.', '..'):
+            problems.append(f'{field} must name a file of this folder, got {value!r}')
+        if digest not in info:
+            problems.append(f'no {digest} (the sha256 that guards its {field} file {value})')
+        elif not isinstance(info[digest], str) or not re.fullmatch(r'[0-9a-f]{64}', info[digest]):
+            problems.append(f'{digest} is not a sha256 (64 hex digits): {info[digest]!r}')
+    if not isinstance(info.get('routing'), dict):
+        problems.append(f"routing must be a mapping, got {info.get('routing')!r}")
+    return problems
+
+
 def manifest(name: str) -> dict[str, Any]:
-    """The manifest of ``name``; ``ValueError`` naming the shipped models if there is none."""
-    path = FOLDER / f'{name}.json'
-    if not path.is_file():
-        raise ValueError(f'no shipped model named {name!r}; shipped: {", ".join(names()) or "none"} '
-                         '(or give your own --network and --checkpoint to tools/test_patches.py)')
-    with open(path, encoding='utf-8') as handle:
-        return json.load(handle)
+    """The manifest of ``name``, checked: ``ValueError`` naming the shipped models for another name, or naming
+    the manifest file when it cannot be read, is not JSON (truncated?) or lacks a file name or checksum."""
+    path = manifest_path(name)
+    try:
+        info = json.loads(path.read_text(encoding='utf-8'))
+    except OSError as exc:
+        raise ValueError(f'{path} cannot be read ({exc.strerror or exc}); {REINSTALL}') from None
+    except UnicodeDecodeError:
+        raise ValueError(f'{path} is not text: the file is damaged; {REINSTALL}') from None
+    except ValueError as exc:
+        raise ValueError(f'{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}: '
+                         f'truncated or edited?); {REINSTALL}') from None
+    problems = _problems(info)
+    if problems:
+        raise ValueError(f'{path} is not a usable model manifest: {"; ".join(problems)}; {REINSTALL}')
+    return info
 
 
 def sha256(path: Path) -> str:
@@ -52,25 +96,27 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _checked(name: str, field: str) -> Path:
+    """The file ``field`` of ``name``'s manifest, after checking it against the manifest's sha256."""
+    info = manifest(name)
+    path = FOLDER / info[field]
+    if not path.is_file():
+        raise FileNotFoundError(f'{path} is missing from the installed package; {REINSTALL}')
+    found, expected = sha256(path), info[FILE_FIELDS[field]]
+    if found != expected:
+        raise ValueError(f'{path} does not match its manifest (sha256 {found[:12]}..., expected {expected[:12]}...): '
+                         f'the file was changed or damaged; {REINSTALL}')
+    return path
+
+
 def checkpoint(name: str) -> Path:
     """The weights of ``name``, after checking them against the manifest's sha256."""
-    info = manifest(name)
-    path = FOLDER / info['checkpoint']
-    if not path.is_file():
-        raise FileNotFoundError(f'{path} is missing from the installed package; reinstall it (pip install .)')
-    found = sha256(path)
-    if found != info['sha256']:
-        raise ValueError(f'{path} does not match its manifest (sha256 {found[:12]}..., expected '
-                         f'{info["sha256"][:12]}...): the file was changed or damaged; reinstall the package')
-    return path
+    return _checked(name, 'checkpoint')
 
 
 def network_file(name: str) -> Path:
-    """The ``network_g`` option file of ``name``."""
-    path = FOLDER / manifest(name)['network']
-    if not path.is_file():
-        raise FileNotFoundError(f'{path} is missing from the installed package; reinstall it (pip install .)')
-    return path
+    """The ``network_g`` option file of ``name``, after checking it against the manifest's ``network_sha256``."""
+    return _checked(name, 'network')
 
 
 def routing(name: str) -> str:

@@ -4,6 +4,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -12,6 +16,8 @@ import pytest
 import torch
 
 from cdnsr_plugin.tester.cli import main
+
+from helpers import REPO
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -180,12 +186,18 @@ def test_overwrite_never_deletes_through_links_or_inputs_and_refuses_unexplained
     assert run(root, lr, out, '--overwrite') == 2
     assert 'will not remove' in capsys.readouterr().err
     assert hashes(outside) == before and (out / 'report.json').is_file() and router.is_file()
-    # an interrupted run: images, no report
+    # images that no report or progress list describes (the user's, or an older version's interrupted run), and
+    # a report file of the user's: nothing is removed or replaced
     stale = tmp_path / 'stale'
     (stale / 'lr').mkdir(parents=True)
     (stale / 'lr' / 'old.png').write_bytes(b'an image of an interrupted run')
     assert run(root, lr, stale, '--overwrite') == 2
-    assert 'no report.json describes' in capsys.readouterr().err and (stale / 'lr' / 'old.png').exists()
+    assert 'no report.json or run_in_progress.json' in capsys.readouterr().err and (stale / 'lr' / 'old.png').exists()
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    (mine / 'report.csv').write_text('my own table')
+    assert run(root, lr, mine, '--overwrite') == 2
+    assert 'will not remove' in capsys.readouterr().err and (mine / 'report.csv').read_text() == 'my own table'
 
 
 def test_file_names_that_are_not_utf8_are_processed_and_reported(setup, tmp_path):
@@ -226,3 +238,140 @@ def test_free_space_for_the_outputs_is_checked_before_any_work(setup, tmp_path, 
     assert run(root, lr, tmp_path / 'tight') == 0
     assert 'images that do not fit will fail' in capsys.readouterr().err
     assert len(list((tmp_path / 'tight' / 'lr').glob('*_classmap.png'))) == 2
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path -> sha256)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob('*')) if p.is_file()
+    }
+
+
+# a tester run that writes its first SR image and class map, says so (touches argv[1]) and then waits, as a long
+# run would, until it is signalled or killed
+PAUSED_RUN = """
+import sys, time
+from pathlib import Path
+from cdnsr_plugin.tester import run
+from cdnsr_plugin.tester.cli import main
+save = run.Runner.save_images
+def save_then_wait(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    Path(sys.argv[1]).touch()
+    time.sleep(300)
+run.Runner.save_images = save_then_wait
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def start_paused(root: Path, lr: Path, out: Path, logs: Path) -> subprocess.Popen:
+    """``PAUSED_RUN`` in a subprocess, once it has written its first image (its stderr goes to ``logs/paused.err``)."""
+    ready = logs / 'ready'
+    args = ['--input', lr, '--checkpoint', root / 'net.pth', '--network', root / 'net.yml', '--scale', 4, '--out', out]
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
+    with open(logs / 'paused.out', 'w') as stdout, open(logs / 'paused.err', 'w') as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, '-c', PAUSED_RUN, str(ready), *map(str, args)],
+            cwd=REPO,
+            env=env,
+            stdout=stdout,
+            stderr=stderr)
+    deadline = time.monotonic() + 180
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f'the paused run did not reach its first image: {(logs / "paused.err").read_text()[-3000:]}')
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_run_into_a_busy_out_fails_at_once_and_a_dead_runs_lock_is_taken_over(setup, tmp_path, capsys):
+    """Two runs into one --out once both exited 0 with one report listing only one run's images (and one run's
+    SR images replaced by the other's). The first run locks --out: a second one (even with --overwrite) fails at
+    once, exit 2, one line naming the first's process, writing and removing nothing; once the first is killed
+    (SIGKILL: the OS drops its lock, the file stays), the next run takes the lock over with a note, and
+    --overwrite replaces the killed run's partial outputs (listed in its progress file)."""
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    inputs = hashes(lr)
+    out = tmp_path / 'out'
+    first = start_paused(root, lr, out, tmp_path)
+    try:
+        written = tree(out)
+        assert {'run_in_progress.json', 'lr/a_97x250.png', 'lr/a_97x250_classmap.png'} <= set(written)
+        began = time.monotonic()
+        assert run(root, lr, out, '--overwrite') == 2
+        assert time.monotonic() - began < 15  # at once: before the network is even built
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('error: another run is writing the results folder')
+        assert f'process {first.pid} (' in lines[0] and str(out) in lines[0] and 'choose another --out' in lines[0]
+        assert tree(out) == written and first.poll() is None  # nothing of the first run's touched
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert (tmp_path / 'out.lock').is_file()  # a stale lock: its holder died without releasing it
+    assert run(root, lr, out, '--overwrite') == 0
+    err = capsys.readouterr().err
+    assert f'note: taking over the lock on the results folder (--out) {out} left by process {first.pid}' in err
+    assert 'no longer running' in err
+    report = json.loads((out / 'report.json').read_text())
+    listed = {Path(r[k]).name for r in report['settings'][0]['images'] for k in ('sr_path', 'overlay_path')}
+    assert len(listed) == 4 and {p.name for p in (out / 'lr').iterdir()} == listed
+    assert not (out / 'run_in_progress.json').exists() and not (tmp_path / 'out.lock').exists()
+    assert hashes(lr) == inputs
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_overwrite_removes_what_the_run_wrote(setup, tmp_path, capsys):
+    """SIGINT (Ctrl-C) once printed a traceback, and the rerun refused the interrupted run's images, which the
+    user deleted by hand. Now: one line, exit 130, no report.json, the outputs written so far listed in
+    run_in_progress.json, --out unlocked; a rerun without --overwrite is refused, with it the listed outputs are
+    replaced and the user's own file in --out stays."""
+    root, _ = setup
+    lr = small_lr(tmp_path, setup)
+    inputs = hashes(lr)
+    out = tmp_path / 'out'
+    proc = start_paused(root, lr, out, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = (tmp_path / 'paused.err').read_text()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert 'Traceback' not in err and sum('interrupted' in line for line in lines) == 1
+    assert lines[-1] == (f'interrupted: no report was written; the 2 output file(s) of this run so far are listed '
+                         f'in {out / "run_in_progress.json"}: rerun with --overwrite to replace them')
+    assert not (out / 'report.json').exists() and not (tmp_path / 'out.lock').exists()
+    progress = json.loads((out / 'run_in_progress.json').read_text())
+    assert progress['outputs'] == ['lr/a_97x250.png', 'lr/a_97x250_classmap.png']
+    (out / 'my_notes.txt').write_text('mine')
+    assert run(root, lr, out) == 2
+    assert 'not empty (an earlier run, or an interrupted one?)' in capsys.readouterr().err
+    assert run(root, lr, out, '--overwrite') == 0
+    report = json.loads((out / 'report.json').read_text())
+    listed = {Path(r[k]).name for r in report['settings'][0]['images'] for k in ('sr_path', 'overlay_path')}
+    assert len(listed) == 4 and {p.name for p in (out / 'lr').iterdir()} == listed
+    assert not (out / 'run_in_progress.json').exists() and (out / 'my_notes.txt').read_text() == 'mine'
+    assert hashes(lr) == inputs
+
+
+def test_a_single_input_image_may_have_its_results_in_its_folder_but_is_never_an_output(
+        setup, tmp_path, capsys, monkeypatch):
+    """``cd photos && cdnsr-sr coffee.png`` (results/<model>/coffee inside the input's folder) was refused as
+    "inside the input folder". A single input image protects itself and the user's other files: allowed, the
+    folder's files unchanged; an --out where the SR image would be the input file is refused, nothing written."""
+    root, _ = setup
+    photos = small_lr(tmp_path, setup)
+    (photos / 'notes.txt').write_text('mine')
+    before = hashes(photos)
+    image = sorted(photos.glob('*.png'))[0]
+    monkeypatch.chdir(photos)
+    assert run(root, Path(image.name), Path('results/x')) == 0
+    capsys.readouterr()
+    assert hashes(photos) == before
+    outputs = [f'x/lr/{image.stem}.png', f'x/lr/{image.stem}_classmap.png', 'x/report.csv', 'x/report.json']
+    assert sorted(tree(photos / 'results')) == sorted(outputs)
+    # --out above the input's folder: <out>/lr/<stem>.png would be the input itself
+    for extra in ((), ('--overwrite', )):
+        assert run(root, image, tmp_path, *extra) == 2
+        err = capsys.readouterr().err
+        assert f'which is the input file {image}' in err and err.count('\n') == 1
+    assert hashes(photos) == before and not tmp_path.with_name(tmp_path.name + '.lock').exists()
