@@ -7,19 +7,39 @@ The ClassSR / CDNSR protocol (DIV8K 1201-1500): the first third of the sorted im
 downsampled to 2K wide (Test2K), the next third to 4K (Test4K), the last third kept (Test8K).
 Writes OUT/Test<NAME>/HR/<stem>.png and OUT/Test<NAME>/LR_bicubic/X<scale>/<stem>.png (load them
 with BasicSR's PairedImageDataset, filename_tmpl: '{}') and OUT/summary.json. Unusable files are
-skipped and listed; exit status is 0 unless the run could not be completed.
+skipped and listed; exit status is 0 unless the run could not be completed (1; Ctrl-C: 130, one line).
 """
 import argparse
+import signal
 import sys
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import cdnsr_plugin  # noqa: F401  (torchvision alias before basicsr)
-from cdnsr_plugin.preparation.test_sets import DEFAULT_TIERS, SPLITS, build_test_sets, format_summary, parse_tiers
+
+class CtrlC:
+    """This tool's SIGINT handler, installed before anything heavy is imported (torch takes seconds), so a Ctrl-C
+    at any moment ends the run with one line and exit 130 (never an import-time traceback). While ``armed`` it
+    raises ``KeyboardInterrupt``; it always sets ``interrupted``, so a Ctrl-C whose ``KeyboardInterrupt`` some
+    library swallowed still ends the run with 130 and no finished output (``staging.finish_output`` reads it).
+    The same class is in tools/prepare_data.py."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.armed = False
+
+    def __call__(self, signum, frame) -> None:
+        self.interrupted = True
+        if self.armed:
+            raise KeyboardInterrupt
+
+
+if __name__ == '__main__':
+    signal.signal(signal.SIGINT, CtrlC())
+_output = None  # the --output of the run, for the message of a Ctrl-C
 
 
 def tiers_arg(text: str):
     """argparse type for --tiers: the parse error names the bad item."""
+    from cdnsr_plugin.preparation.test_sets import parse_tiers
     try:
         return parse_tiers(text)
     except ValueError as exc:
@@ -27,6 +47,8 @@ def tiers_arg(text: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    import cdnsr_plugin  # noqa: F401  (torchvision alias before basicsr)
+    from cdnsr_plugin.preparation.test_sets import DEFAULT_TIERS, SPLITS, parse_tiers
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--input', required=True, type=Path, help='folder of HR images (files directly in it)')
     parser.add_argument(
@@ -63,33 +85,72 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    global _output
+    _output = None
     try:
-        summary = build_test_sets(
-            args.input,
-            args.output,
-            args.tiers,
-            scale=args.scale,
-            split=args.split,
-            workers=args.workers,
-            overwrite=args.overwrite)
-    except (OSError, ValueError) as exc:
-        print(f'make_test_sets: error: {exc}', file=sys.stderr)
-        return 1
-    except BrokenProcessPool as exc:
-        print(
-            f'make_test_sets: error: a worker process died ({exc}); out of memory? try fewer --workers',
-            file=sys.stderr)
-        return 1
+        args = parse_args(argv)
+        _output = args.output
+        from concurrent.futures.process import BrokenProcessPool
+
+        from cdnsr_plugin.preparation.test_sets import build_test_sets, format_summary
+        try:
+            summary = build_test_sets(
+                args.input,
+                args.output,
+                args.tiers,
+                scale=args.scale,
+                split=args.split,
+                workers=args.workers,
+                overwrite=args.overwrite)
+        except (OSError, ValueError) as exc:
+            print(f'make_test_sets: error: {exc}', file=sys.stderr)
+            return 1
+        except BrokenProcessPool as exc:
+            print(
+                f'make_test_sets: error: a worker process died ({exc}); out of memory? try fewer --workers',
+                file=sys.stderr)
+            return 1
+        print(format_summary(summary))
     except KeyboardInterrupt:
-        print(
-            f'make_test_sets: interrupted; {args.output} was not written (the next run removes the partial '
-            f'{args.output}.incomplete)',
-            file=sys.stderr)
-        return 130
-    print(format_summary(summary))
+        return interrupted()
     return 0
 
 
+def interrupted() -> int:
+    """Print the one line of a Ctrl-C and return 130; later Ctrl-Cs only count from here on."""
+    handler = signal.getsignal(signal.SIGINT)
+    if isinstance(handler, CtrlC):
+        handler.armed = False
+    staging = sys.modules.get('cdnsr_plugin.preparation.staging')
+    if _output is None or staging is None:
+        note = 'nothing was written'
+    else:
+        note = staging.interrupted_note(_output)
+    print(f'make_test_sets: interrupted; {note}', file=sys.stderr)
+    return 130
+
+
+def cli() -> int:
+    """``main`` as a program: with ``CtrlC`` installed, a Ctrl-C at any moment ends in ``interrupted``."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not isinstance(handler, CtrlC):
+        return main()
+    code = None
+    try:
+        handler.armed = True
+        if not handler.interrupted:  # a Ctrl-C before this point was only counted
+            code = main()
+    except KeyboardInterrupt:
+        code = interrupted()
+    except Exception:
+        if not handler.interrupted:
+            raise
+        code = None  # an error that followed a swallowed Ctrl-C: the Ctrl-C is what to report
+    handler.armed = False
+    if handler.interrupted and code != 130:
+        code = interrupted()
+    return code
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli())

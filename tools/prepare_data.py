@@ -7,16 +7,34 @@
 Writes OUTPUT/lq.lmdb, OUTPUT/gt.lmdb (BasicSR LMDBs with meta_info.txt), OUTPUT/labels.txt
 ("key label psnr"; label 0 = simple = highest PSNR ... M-1 = hard), OUTPUT/summary.json and, with
 --montage, OUTPUT/montage.png. Everything is written under OUTPUT.incomplete and renamed at the end;
-an existing OUTPUT is refused unless --overwrite. See cdnsr_plugin/data/prepare.py for the choices.
+an existing OUTPUT is refused unless --overwrite. See cdnsr_plugin/preparation/prepare.py for the
+choices. Ctrl-C at any moment: one line, exit 130, no finished output.
 """
 import argparse
+import signal
 import sys
 
-import torch
-import yaml
 
-import cdnsr_plugin  # noqa: F401  (torchvision alias, registries)
-from cdnsr_plugin.preparation.prepare import PrepareOptions, build_reference, prepare
+class CtrlC:
+    """This tool's SIGINT handler, installed before anything heavy is imported (torch takes seconds), so a Ctrl-C
+    at any moment ends the run with one line and exit 130 (never an import-time traceback). While ``armed`` it
+    raises ``KeyboardInterrupt``; it always sets ``interrupted``, so a Ctrl-C whose ``KeyboardInterrupt`` some
+    library swallowed still ends the run with 130 and no finished output (``staging.finish_output`` reads it).
+    The same class is in tools/make_test_sets.py."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.armed = False
+
+    def __call__(self, signum, frame) -> None:
+        self.interrupted = True
+        if self.armed:
+            raise KeyboardInterrupt
+
+
+if __name__ == '__main__':
+    signal.signal(signal.SIGINT, CtrlC())
+_output = None  # the --output of the run, for the message of a Ctrl-C
 
 
 def parse_factors(text: str) -> tuple:
@@ -46,10 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--reference', choices=['bicubic'], help='explicit network-free fallback reference: PyTorch bicubic upsampling')
     parser.add_argument('--workers', type=int, default=2, help='processes reading/resizing images; 0 = none')
     parser.add_argument('--batch', type=int, default=128, help='sub-images per reference forward pass')
-    parser.add_argument(
-        '--device',
-        default='cuda' if torch.cuda.is_available() else 'cpu',
-        help='device of the reference network (default: cuda if available)')
+    parser.add_argument('--device', help='device of the reference network (default: cuda if available, else cpu)')
     parser.add_argument('--compress-level', type=int, default=1, help='PNG compression in the LMDBs, 0-9')
     parser.add_argument('--montage', action='store_true', help='also write montage.png: samples per class')
     parser.add_argument(
@@ -60,47 +75,88 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    opts = PrepareOptions(
-        input=args.input,
-        output=args.output,
-        scale=args.scale,
-        patch=args.patch,
-        stride=args.stride,
-        num_classes=args.classes,
-        multiscale=args.multiscale,
-        compress_level=args.compress_level,
-        batch=args.batch,
-        workers=args.workers,
-        device=args.device)
+    global _output
+    _output = None
     try:
+        args = parse_args(argv)
+        _output = args.output
+        import torch
+        import yaml
+
+        import cdnsr_plugin  # noqa: F401  (torchvision alias, registries)
+        from cdnsr_plugin.preparation.prepare import PrepareOptions, build_reference, prepare
+        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        opts = PrepareOptions(
+            input=args.input,
+            output=args.output,
+            scale=args.scale,
+            patch=args.patch,
+            stride=args.stride,
+            num_classes=args.classes,
+            multiscale=args.multiscale,
+            compress_level=args.compress_level,
+            batch=args.batch,
+            workers=args.workers,
+            device=device)
         opts.validate()
         arch = yaml.safe_load(args.reference_arch) if args.reference_arch else None
         reference = build_reference(
             args.scale,
-            args.device,
+            device,
             args.reference_opt,
             arch,
             args.reference_checkpoint,
             bicubic=args.reference == 'bicubic')
         summary = prepare(opts, reference, overwrite=args.overwrite, montage=args.montage)
+        print(f"{summary['num_pairs']} sub-image pairs in {args.output} ({summary['seconds']} s)")
+        for stats in summary['classes']:
+            print(f"  class {stats['class']}: {stats['count']:7d} pairs, PSNR {stats['psnr_min']:.2f}-"
+                  f"{stats['psnr_max']:.2f} dB (mean {stats['psnr_mean']:.2f})")
+        for path, reason in summary['skipped'].items():
+            print(f'  skipped {path}: {reason}')
+    except KeyboardInterrupt:
+        return interrupted()
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f'prepare_data: {exc}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f'prepare_data: interrupted; {args.output} was not written (the next run removes the partial '
-            f'{args.output}.incomplete)',
-            file=sys.stderr)
-        return 130
-    print(f"{summary['num_pairs']} sub-image pairs in {args.output} ({summary['seconds']} s)")
-    for stats in summary['classes']:
-        print(f"  class {stats['class']}: {stats['count']:7d} pairs, PSNR {stats['psnr_min']:.2f}-"
-              f"{stats['psnr_max']:.2f} dB (mean {stats['psnr_mean']:.2f})")
-    for path, reason in summary['skipped'].items():
-        print(f'  skipped {path}: {reason}')
     return 0
 
 
+def interrupted() -> int:
+    """Print the one line of a Ctrl-C and return 130; later Ctrl-Cs only count from here on."""
+    handler = signal.getsignal(signal.SIGINT)
+    if isinstance(handler, CtrlC):
+        handler.armed = False
+    staging = sys.modules.get('cdnsr_plugin.preparation.staging')
+    if _output is None or staging is None:
+        note = 'nothing was written'
+    else:
+        note = staging.interrupted_note(_output)
+    print(f'prepare_data: interrupted; {note}', file=sys.stderr)
+    return 130
+
+
+def cli() -> int:
+    """``main`` as a program: with ``CtrlC`` installed, a Ctrl-C at any moment ends in ``interrupted``."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not isinstance(handler, CtrlC):
+        return main()
+    code = None
+    try:
+        handler.armed = True
+        if not handler.interrupted:  # a Ctrl-C before this point was only counted
+            code = main()
+    except KeyboardInterrupt:
+        code = interrupted()
+    except Exception:
+        if not handler.interrupted:
+            raise
+        code = None  # an error that followed a swallowed Ctrl-C: the Ctrl-C is what to report
+    handler.armed = False
+    if handler.interrupted and code != 130:
+        code = interrupted()
+    return code
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli())

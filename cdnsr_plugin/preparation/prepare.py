@@ -13,7 +13,7 @@ interrupted run is never mistaken for a finished one):
 * ``lq.lmdb``, ``gt.lmdb``: written with ``basicsr.utils.lmdb_util.LmdbMaker`` (PNG bytes,
   ``meta_info.txt``), so BasicSR's own ``PairedImageDataset`` with ``io_backend: lmdb`` reads them.
 * ``labels.txt``: ``key label psnr`` per pair, in key order.
-* ``summary.json``: ``complete: true``, counts and PSNR range per class, the reference used,
+* ``summary.json``: ``complete: true``, the tool that wrote it, counts and PSNR range per class, the reference used,
   the options, skipped files with reasons, conversions applied.
 * ``montage.png`` (``--montage``): sample HR sub-images per class with their PSNR.
 
@@ -30,8 +30,8 @@ Choices where the papers are silent (also in ``--help``):
 from __future__ import annotations
 
 import re
-import shutil
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -46,7 +46,7 @@ from tqdm import tqdm
 from cdnsr_plugin.data.prepared_set import GT_LMDB, LABELS, LQ_LMDB, PreparedSet, write_labels, write_summary
 from cdnsr_plugin.inference.tiling import PatchGrid
 from cdnsr_plugin.preparation.parallel import process_map
-from cdnsr_plugin.preparation.staging import finish_output, start_output
+from cdnsr_plugin.preparation.staging import PREPARE_TOOL, abandon_output, finish_output, start_output, tool_marker
 from cdnsr_plugin.utils.image import bicubic_resize, mod_crop
 from cdnsr_plugin.utils.io import SkipImage, Skipped, list_images, read_image
 
@@ -235,35 +235,56 @@ def prepare(opts: PrepareOptions, reference: Reference, overwrite: bool = False,
 
     Raises:
         FileNotFoundError / ValueError: bad input folder or options, before any work starts.
-        FileExistsError: the output exists and ``overwrite`` is false.
+        FileExistsError: the output exists and ``overwrite`` is false, or a ``.incomplete`` folder or ``.lock``
+            file beside it is not the tools' (left as it is), or another run holds the lock.
+        KeyboardInterrupt: Ctrl-C; the output is left as it was, the staging folder for the next run to remove.
     """
     opts.validate()
     skipped = Skipped()
     paths = list_images(opts.input, skipped)
     output = Path(opts.output)
     tmp = start_output(output, overwrite, protect=Path(opts.input))
+    try:
+        summary = _prepare_into(tmp, paths, opts, reference, skipped, montage)
+        finish_output(tmp, output)
+    except _NoUsableImage as exc:
+        abandon_output(tmp, output, remove=True)
+        raise ValueError(str(exc)) from None
+    except BaseException:
+        abandon_output(tmp, output)  # left for inspection; the next run with this --output removes it
+        raise
+    return summary
+
+
+class _NoUsableImage(ValueError):
+    pass
+
+
+def _prepare_into(tmp: Path, paths: list[Path], opts: PrepareOptions, reference: Reference, skipped: Skipped,
+                  montage: bool) -> dict:
+    """Everything ``prepare`` writes, into the staging folder ``tmp``; returns the summary."""
     started = time.time()
     makers = (LmdbMaker(str(tmp / LQ_LMDB), compress_level=opts.compress_level),
               LmdbMaker(str(tmp / GT_LMDB), compress_level=opts.compress_level))
     collected = Collected()
     try:
         loader = _Loader(opts.scale, opts.patch, tuple(opts.multiscale))
-        loaded_images = process_map(loader, [str(p) for p in paths], opts.workers)
-        for index, loaded in enumerate(tqdm(loaded_images, total=len(paths), desc='sub-images', unit='img')):
-            if loaded.skipped:
-                skipped.add(loaded.path, loaded.skipped)
-                continue
-            write_image_pairs(loaded, index, opts, reference, makers, collected)
+        with closing(process_map(loader, [str(p) for p in paths], opts.workers)) as loaded_images:
+            for index, loaded in enumerate(tqdm(loaded_images, total=len(paths), desc='sub-images', unit='img')):
+                if loaded.skipped:
+                    skipped.add(loaded.path, loaded.skipped)
+                    continue
+                write_image_pairs(loaded, index, opts, reference, makers, collected)
     finally:
         for maker in makers:
             maker.close()
     if not collected.keys:
-        shutil.rmtree(tmp)
-        raise ValueError(f'no usable image in {opts.input}; skipped: {skipped.as_dict()}')
+        raise _NoUsableImage(f'no usable image in {opts.input}; skipped: {skipped.as_dict()}')
     psnr = np.concatenate(collected.psnr)
     labels = assign_classes(psnr, collected.keys, opts.num_classes)
     write_labels(tmp / LABELS, collected.keys, labels, psnr)
     summary = {
+        **tool_marker(PREPARE_TOOL),
         'num_pairs': len(collected.keys),
         'num_classes': opts.num_classes,
         'classes': class_statistics(psnr, labels, opts.num_classes),
@@ -278,7 +299,6 @@ def prepare(opts: PrepareOptions, reference: Reference, overwrite: bool = False,
         from cdnsr_plugin.preparation.montage import write_montage
         summary['montage'] = write_montage(PreparedSet(tmp), tmp / 'montage.png').name
         summary = write_summary(tmp, summary)
-    finish_output(tmp, output)
     return summary
 
 

@@ -16,11 +16,14 @@ the tier's width (aspect ratio kept; never upsampled), mod-cropped (bottom/right
 
     OUT/Test2K/HR/<stem>.png   OUT/Test2K/LR_bicubic/X4/<stem>.png   ...   OUT/summary.json
 
+``summary.json`` names the tool that wrote it (``"tool": "cdnsr_plugin make_test_sets"``).
+
 Everything is written into ``OUT.incomplete`` and renamed to ``OUT`` only when complete.
 """
 from __future__ import annotations
 
 import re
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cdnsr_plugin.preparation.parallel import process_map
-from cdnsr_plugin.preparation.staging import finish_output, start_output
+from cdnsr_plugin.preparation.staging import TEST_SETS_TOOL, abandon_output, finish_output, start_output, tool_marker
 from cdnsr_plugin.utils.image import bicubic_resize
 from cdnsr_plugin.utils.io import SkipImage, Skipped, list_images, read_image, write_image, write_json
 
@@ -157,9 +160,10 @@ def process_image(job: Job) -> ImageResult:
 
 
 def run_jobs(jobs: list[Job], workers: int, progress: bool = True) -> Iterator[ImageResult]:
-    """Yield ``process_image`` results in ``workers`` processes (0 = in this one), memory bounded."""
-    yield from tqdm(
-        process_map(process_image, jobs, workers), total=len(jobs), unit='img', desc='test sets', disable=not progress)
+    """Yield ``process_image`` results in ``workers`` processes (0 = in this one), memory bounded; the workers
+    stop at once when this iterator is closed early."""
+    with closing(process_map(process_image, jobs, workers)) as results:
+        yield from tqdm(results, total=len(jobs), unit='img', desc='test sets', disable=not progress)
 
 
 def unique_stems(paths: list[Path], skipped: Skipped) -> list[Path]:
@@ -215,9 +219,10 @@ def build_test_sets(input_dir: Path | str,
 
     Raises:
         FileNotFoundError: ``input_dir`` is not a folder.
-        FileExistsError: ``output_dir`` exists and ``overwrite`` is false.
-        ValueError: bad options, ``output_dir`` holds ``input_dir``, no image file in ``input_dir``,
-            or no image could be used.
+        FileExistsError: ``output_dir`` exists and ``overwrite`` is false, or a ``.incomplete`` folder or
+            ``.lock`` file beside it is not the tools' (left as it is), or another run holds the lock.
+        ValueError: bad options, ``output_dir`` holds ``input_dir`` or is a folder these tools did not write
+            (``staging.not_ours``), no image file in ``input_dir``, or no image could be used.
         OSError: an output file could not be written.
         BrokenProcessPool: a worker died (out of memory on very large images: use fewer workers).
     """
@@ -226,11 +231,24 @@ def build_test_sets(input_dir: Path | str,
     skipped = Skipped()
     paths = unique_stems(list_images(input_dir, skipped), skipped)
     staging = start_output(output, overwrite, protect=input_dir, log=log)
+    try:
+        summary = _build_into(staging, input_dir, output, paths, tiers, scale, split, workers, progress, skipped)
+        finish_output(staging, output)
+    except BaseException:
+        abandon_output(staging, output)  # left for inspection; the next run with this --output removes it
+        raise
+    return summary
+
+
+def _build_into(staging: Path, input_dir: Path, output: Path, paths: list[Path], tiers: list[Tier], scale: int,
+                split: str, workers: int, progress: bool, skipped: Skipped) -> dict:
+    """Everything ``build_test_sets`` writes, into the staging folder; returns the summary."""
     for tier in tiers:
         (staging / tier.folder / 'HR').mkdir(parents=True)
         (staging / tier.folder / lr_folder(scale)).mkdir(parents=True)
     jobs = [Job(path, assigned, scale, staging) for path, assigned in assign_tiers(paths, tiers, split)]
-    results = sorted(run_jobs(jobs, workers, progress), key=lambda result: result.path)
+    with closing(run_jobs(jobs, workers, progress)) as mapped:
+        results = sorted(mapped, key=lambda result: result.path)
     for result in results:
         for tier_name, reason in result.skipped.items():
             skipped.add(result.path, f'{reason} (tier {tier_name})' if tier_name else reason)
@@ -238,7 +256,6 @@ def build_test_sets(input_dir: Path | str,
     if not summary['counts']['written']:
         raise ValueError(f'no usable image in {input_dir}: every file was skipped ({staging} left for inspection)')
     write_json(staging / 'summary.json', summary)
-    finish_output(staging, output)
     return summary
 
 
@@ -247,6 +264,7 @@ def make_summary(input_dir: Path, output: Path, tiers: list[Tier], scale: int, s
     """The content of summary.json: options, per-tier images with sizes and notes, skipped files."""
     per_tier = {tier.name: [r.entries[tier.name] for r in results if tier.name in r.entries] for tier in tiers}
     return {
+        **tool_marker(TEST_SETS_TOOL),
         'options': {
             'input': str(input_dir), 'output': str(output), 'scale': scale, 'split': split,
             'tiers': [asdict(tier) for tier in tiers]

@@ -14,6 +14,7 @@ Every tool that reads a folder of photos (data preparation, test-set building, t
 * grayscale                                -> converted to 3 channels, note recorded
 * RGBA / grey+alpha                        -> alpha dropped, note recorded
 * 16-bit                                   -> converted to 8-bit (rounded /257), note recorded
+* animated (GIF, WebP, PNG) or multi-page TIFF -> the first frame is used, note recorded
 * smaller than a minimum size (caller's)   -> skipped, reason recorded
 
 Images are returned as uint8 BGR arrays (H, W, 3), OpenCV's and BasicSR's order.
@@ -33,7 +34,7 @@ from typing import Any, Optional
 import cv2
 import numpy as np
 
-IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm'})
+IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.gif'})
 
 # ----------------------------------------------------------------------------- writing
 
@@ -206,6 +207,32 @@ def _exif_oriented(data: np.ndarray) -> Optional[np.ndarray]:
     return oriented
 
 
+def _frames(path: Path | str, data: np.ndarray) -> Optional[tuple[int, str]]:
+    """``(count, 'frames' or 'pages')`` of the image file ``path`` (its bytes: ``data``) if it holds more than one
+    picture (an animated GIF, WebP or PNG, a multi-page TIFF), else ``None``. Pillow only counts them (it reads
+    headers); OpenCV decodes the first."""
+    head = data[:64].tobytes()
+    if head.startswith(b'GIF8'):
+        unit = 'frames'
+    elif head.startswith((b'II*\x00', b'MM\x00*')):
+        unit = 'pages'
+    elif head.startswith(b'RIFF') and head[8:16] == b'WEBPVP8X' and head[20] & 0x02:  # the animation flag
+        unit = 'frames'
+    elif head.startswith(b'\x89PNG') and b'acTL' in data[:1 << 16].tobytes().split(b'IDAT', 1)[0]:  # APNG
+        unit = 'frames'
+    else:
+        return None
+    try:
+        from PIL import Image
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # Pillow's size warnings: OpenCV has read the image already
+            with open(path, 'rb') as handle, Image.open(handle) as img:
+                count = int(getattr(img, 'n_frames', 1))
+    except Exception:  # noqa: BLE001 (Pillow cannot read what OpenCV could: no note)
+        return None
+    return (count, unit) if count > 1 else None
+
+
 def read_image(path: Path | str, min_size: int = 1) -> tuple[np.ndarray, list[str]]:
     """Read ``path`` as uint8 BGR; raise ``SkipImage`` (with the reason) if it cannot be used.
 
@@ -220,9 +247,16 @@ def read_image(path: Path | str, min_size: int = 1) -> tuple[np.ndarray, list[st
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
         raise SkipImage('unreadable or corrupt image file')
+    if data[:4].tobytes() == b'GIF8' and img.ndim == 3 and img.shape[2] == 4 and img[:, :, 3].min() == 255:
+        img = np.ascontiguousarray(img[:, :, :3])  # OpenCV gives every GIF an alpha channel: drop an opaque one
     oriented = _exif_oriented(data)
     img, notes = to_bgr8(img) if oriented is None else (oriented,
                                                         ['EXIF orientation applied (as photo viewers show it)'])
+    frames = _frames(path, data)
+    if frames is not None:
+        count, unit = frames
+        kind = 'multi-page' if unit == 'pages' else 'animated'
+        notes.append(f'{kind} ({count} {unit}): only the first {unit[:-1]} was used')
     if min(img.shape[:2]) < min_size:
         raise SkipImage(f'{img.shape[1]}x{img.shape[0]} is smaller than {min_size}x{min_size}')
     return img, notes

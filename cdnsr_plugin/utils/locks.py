@@ -84,7 +84,11 @@ class RunLock:
 
     def acquire(self, log: Callable[[str], None] = print) -> 'RunLock':
         """Take the lock or raise ``Busy`` / ``ForeignFile``. A lock this process already holds on the same
-        target (an earlier attempt that failed before releasing it) is released and taken again."""
+        target (an earlier attempt that failed before releasing it) is released and taken again.
+
+        The lock file appears at its path already holding its content (written under a temporary name, then
+        linked or renamed into place), so a run killed or interrupted while taking the lock never leaves an
+        empty or half-written lock file, which every later run would take for a file that is not the tools'."""
         if self.held:
             return self
         earlier = _held.get(self.path.absolute())
@@ -93,57 +97,112 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(20):  # retried only when the file was replaced between open and lock (another run's release)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-                created = True
-            except FileExistsError:
-                try:
-                    fd = os.open(self.path, os.O_RDWR)
-                except FileNotFoundError:
+                fd = os.open(self.path, os.O_RDWR)
+            except FileNotFoundError:
+                handle = self._create()
+                if handle is None:  # another run created it first: look at theirs
                     continue
-                created = False
-            handle = os.fdopen(fd, 'r+')
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    handle.close()
-                    raise
-                info = _read(handle)
-                handle.close()
-                if info is None:
-                    raise ForeignFile(self._foreign_message()) from None
-                raise Busy(f'another run is writing the {self.what} {self.target}: {_describe(info)} holds '
-                           f'{self.path}; wait for it to finish or {self.hint}') from None
+            else:
+                handle = self._take_over(os.fdopen(fd, 'r+'), log)
+                if handle is None:
+                    continue
+            self._handle = handle
+            _held[self.path.absolute()] = self
+            return self
+        raise Busy(f'could not take the lock {self.path}: other runs keep replacing it; try again')
+
+    def _content(self) -> str:
+        return json.dumps({
+            'tool': MARKER,
+            'pid': os.getpid(),
+            'host': socket.gethostname(),
+            'command': ' '.join(sys.argv),
+            'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+            'target': str(self.target),
+        })
+
+    def _staged(self) -> tuple:
+        """A new, locked file beside the lock holding this run's content, and its temporary path."""
+        tmp = self.path.with_name(f'.{self.path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp')
+        handle = os.fdopen(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), 'r+')
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows the file: never blocks
+            handle.write(self._content())
+            handle.flush()
+        except BaseException:
+            handle.close()
+            tmp.unlink()
+            raise
+        return handle, tmp
+
+    def _create(self):
+        """Put a new lock file at the path; ``None`` if another run put one there first."""
+        handle, tmp = self._staged()
+        try:
+            os.link(tmp, self.path)  # atomic, and fails if the path exists
+        except FileExistsError:
+            handle.close()
+            return None
+        except OSError as exc:  # a file system without hard links: create the file, then write into it
+            handle.close()
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            return self._create_in_place()
+        except BaseException:
+            handle.close()
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return handle
+
+    def _create_in_place(self):
+        try:
+            handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), 'r+')
+        except FileExistsError:
+            return None
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle.write(self._content())
+        handle.flush()
+        return handle
+
+    def _take_over(self, handle, log: Callable[[str], None]):
+        """Lock the existing lock file ``handle`` and replace it with this run's; ``Busy`` if its run is alive,
+        ``ForeignFile`` if these tools did not write it, ``None`` if it was replaced meanwhile (try again)."""
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            info = _read(handle)
+            handle.close()
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if info is None:
+                raise ForeignFile(self._foreign_message()) from None
+            raise Busy(f'another run is writing the {self.what} {self.target}: {_describe(info)} holds '
+                       f'{self.path}; wait for it to finish or {self.hint}') from None
+        try:
             try:
                 same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if not same:  # the holder released (and removed) the file while we opened it: start again
-                handle.close()
-                continue
-            if not created:
-                info = _read(handle)
-                if info is None:
-                    handle.close()
-                    raise ForeignFile(self._foreign_message())
-                log(f'note: taking over the lock on the {self.what} {self.target} left by {_describe(info)}, '
-                    'which is no longer running')
-            handle.seek(0)
-            handle.truncate()
-            handle.write(
-                json.dumps({
-                    'tool': MARKER,
-                    'pid': os.getpid(),
-                    'host': socket.gethostname(),
-                    'command': ' '.join(sys.argv),
-                    'started': time.strftime('%Y-%m-%d %H:%M:%S'),
-                    'target': str(self.target),
-                }))
-            handle.flush()
-            self._handle = handle
-            _held[self.path.absolute()] = self
-            return self
-        raise Busy(f'could not take the lock {self.path}: other runs keep replacing it; try again')
+                return None
+            info = _read(handle)
+            if info is None:
+                raise ForeignFile(self._foreign_message())
+            new, tmp = self._staged()
+            try:
+                os.replace(tmp, self.path)  # the old holder's file is never emptied: it is replaced whole
+            except BaseException:
+                new.close()
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+        finally:
+            handle.close()
+        log(f'note: taking over the lock on the {self.what} {self.target} left by {_describe(info)}, '
+            'which is no longer running')
+        return new
 
     def _foreign_message(self) -> str:
         return (f'{self.path} exists and was not written by these tools (it is not a lock of theirs); it is left '

@@ -249,7 +249,7 @@ def test_prepare_data_killed_leaves_no_process_behind(tmp_path, photos):
     marker = f'cdnsr-kill-{uuid.uuid4()}'
     run = _start_prepare(tmp_path, photos, marker)
     deadline = time.time() + 60
-    while len(_processes_with(marker)) < 3 and time.time() < deadline:  # main, fork server, workers up
+    while len(_processes_with(marker)) < 4 and time.time() < deadline:  # main, tracker, fork server, a worker
         time.sleep(0.2)
     time.sleep(1.0)
     assert run.poll() is None, 'the run ended before it could be killed: give it more work'
@@ -260,3 +260,95 @@ def test_prepare_data_killed_leaves_no_process_behind(tmp_path, photos):
         time.sleep(0.5)
     assert _processes_with(marker) == []
     assert not (tmp_path / 'set').exists()  # nothing that looks complete
+
+
+def _live_in_group(group: int) -> list[int]:
+    """Pids of the processes of process group ``group`` that have not ended (zombies have)."""
+    found = []
+    for entry in Path('/proc').iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / 'stat').read_text().rsplit(')', 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == group and fields[0] != 'Z':
+                found.append(int(entry.name))
+    return found
+
+
+def _file_hashes(folder: Path) -> dict:
+    import hashlib
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+
+
+def _ctrl_c_run(tool: str, input_dir: Path, out: Path, err: Path) -> subprocess.Popen:
+    """The tool in a process group of its own, as a shell runs it in the foreground (Ctrl-C: SIGINT to the group:
+    the tool, its fork server, resource tracker and workers)."""
+    extra = ['--reference', 'bicubic'] if tool == 'prepare_data' else ['--tiers', '2K=300,8K=0']
+    command = [sys.executable, str(REPO / 'tools' / f'{tool}.py'), '--input', str(input_dir), '--output', str(out)]
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'PYTHONPATH': str(REPO)}
+    with open(err, 'w') as handle:
+        return subprocess.Popen([*command, '--workers', '2', *extra],
+                                stdout=subprocess.DEVNULL,
+                                stderr=handle,
+                                start_new_session=True,
+                                env=env)
+
+
+def _assert_one_line_and_nothing_complete(run: subprocess.Popen, tool: str, out: Path, err: Path, moment: str):
+    import re
+    assert run.wait(timeout=120) == 130, (moment, err.read_text()[-3000:])
+    deadline = time.time() + 120  # the fork server may still be importing torch: whatever it prints counts too
+    while _live_in_group(run.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _live_in_group(run.pid) == [], moment
+    text = err.read_text()
+    lines = [line for line in re.split(r'[\r\n]+', text) if line.strip() and '%|' not in line]  # not tqdm's bars
+    assert len(lines) == 1 and lines[0].startswith(f'{tool}: interrupted; '), (moment, text[-3000:])
+    assert not out.exists() and not out.with_name(out.name + '.lock').exists(), moment
+    staging = out.with_name(out.name + '.incomplete')  # if any: marked as the tool's, never looking complete
+    marked = (staging / '.cdnsr_plugin_staging').is_file() and not (staging / 'summary.json').exists()
+    assert not staging.exists() or marked, moment
+
+
+@pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='needs /proc (Linux)')
+def test_ctrl_c_at_any_moment_ends_with_one_line_and_exit_130(tmp_path, photos, capsys):
+    """Ctrl-C in a terminal (SIGINT to the process group) while torch is imported (0.5, 2, 4 s: once a traceback,
+    or lost: exit 0 with a complete output) and while the workers start (once worker tracebacks after the message):
+    one line, exit 130, no output, inputs unchanged, nothing printed later by the fork server or a worker. While
+    the last run is going, a second run on its --output fails at once naming it."""
+    import importlib.util
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for index in range(6):
+        cv2.imwrite(str(folder / f'p{index}.png'), cv2.resize(photos[index % len(photos)], (900, 700)))
+    inputs = _file_hashes(folder)
+    moments = [('prepare_data', 0.5), ('prepare_data', 2.0), ('prepare_data', 4.0), ('make_test_sets', 2.0)]
+    runs, started = [], time.monotonic()
+    for index, (tool, _) in enumerate(moments):
+        runs.append(_ctrl_c_run(tool, folder, tmp_path / f'out{index}', tmp_path / f'err{index}.txt'))
+    for index, (tool, delay) in enumerate(moments):
+        time.sleep(max(0.0, started + delay - time.monotonic()))
+        os.killpg(runs[index].pid, signal.SIGINT)
+    for index, (tool, delay) in enumerate(moments):
+        _assert_one_line_and_nothing_complete(runs[index], tool, tmp_path / f'out{index}', tmp_path / f'err{index}.txt',
+                                              f'{tool} at {delay} s')
+    out = tmp_path / 'set'
+    run = _ctrl_c_run('prepare_data', folder, out, tmp_path / 'err.txt')
+    deadline = time.time() + 180
+    while not (out.with_name('set.incomplete') / '.cdnsr_plugin_staging').exists() and time.time() < deadline:
+        assert run.poll() is None, (tmp_path / 'err.txt').read_text()[-3000:]
+        time.sleep(0.05)
+    spec = importlib.util.spec_from_file_location('prepare_data', REPO / 'tools' / 'prepare_data.py')
+    second = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(second)
+    began = time.monotonic()
+    code = second.main(['--input', str(folder), '--output', str(out), '--reference', 'bicubic', '--workers', '0'])
+    assert code == 2 and time.monotonic() - began < 10
+    message = capsys.readouterr().err
+    first = f'process {run.pid} ({REPO / "tools" / "prepare_data.py"} --input'  # its pid and command
+    assert f'another run is writing the output {out}: {first}' in message
+    assert run.poll() is None, 'the first run ended before its Ctrl-C: give it more work'
+    os.killpg(run.pid, signal.SIGINT)  # the workers are starting (the fork server imports torch)
+    _assert_one_line_and_nothing_complete(run, 'prepare_data', out, tmp_path / 'err.txt', 'while workers start')
+    assert _file_hashes(folder) == inputs

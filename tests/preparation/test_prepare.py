@@ -179,11 +179,14 @@ def test_a_second_run_on_the_same_output_fails_at_once_and_leaves_the_first_alon
     out = tmp_path / 'set'
     staging = tmp_path / 'set.incomplete'
     staging.mkdir()
+    (staging / '.cdnsr_plugin_staging').write_text(json.dumps({'tool': 'cdnsr_plugin staging'}))  # as runs make it
     (staging / 'lq.lmdb').write_bytes(b'the first run is writing this')
-    with open(tmp_path / 'set.lock', 'a') as first_run:
+    with open(tmp_path / 'set.lock', 'a') as first_run:  # the lock as the first run holds it (utils.locks)
+        first_run.write(json.dumps({'tool': 'cdnsr_plugin lock', 'pid': 4321, 'command': 'the first run'}))
+        first_run.flush()
         fcntl.flock(first_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
         opts = PrepareOptions(input=str(hr_folder), output=str(out), num_classes=2, workers=0)
-        with pytest.raises(OutputBusy, match='another run is writing'):
+        with pytest.raises(OutputBusy, match=r'another run is writing .*: process 4321 \(the first run\)'):
             prepare(opts, build_reference(4, 'cpu', bicubic=True))
         assert (staging / 'lq.lmdb').read_bytes() == b'the first run is writing this'
     # once the first run is gone (its lock dropped with it), a new run may take over its staging

@@ -149,9 +149,10 @@ def test_existing_output_refused_then_replaced_with_overwrite(hr_dir, tmp_path, 
     assert build(hr_dir, out, '--overwrite') != 0
     assert 'not an output of these tools' in capsys.readouterr().err and (out / 'old.txt').read_text() == 'keep me'
     (out / 'old.txt').unlink()
-    stale = tmp_path / 'sets.incomplete'
-    stale.mkdir()
+    from cdnsr_plugin.preparation.staging import abandon_output, start_output
+    stale = start_output(out, True)  # a run that stopped half-way leaves its staging folder (with its marker)
     (stale / 'half.png').write_bytes(b'')
+    abandon_output(stale, out)
     assert build(hr_dir, out, '--overwrite') == 0
     assert 'interrupted' in capsys.readouterr().out
     assert (out / 'summary.json').is_file() and not stale.exists()

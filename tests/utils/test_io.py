@@ -69,3 +69,27 @@ def test_exif_orientation_is_applied_and_noted(tmp_path):
     (tmp_path / 'plain.jpg').write_bytes(exif_rotated_jpeg(img, 1))
     plain, notes = read_image(tmp_path / 'plain.jpg')
     assert plain.shape == (40, 60, 3) and notes == []
+
+
+@pytest.mark.parametrize('suffix, unit', [('.gif', 'frames'), ('.webp', 'frames'), ('.png', 'frames'),
+                                          ('.tif', 'pages')])
+def test_animated_or_multi_page_images_note_that_only_the_first_frame_was_used(tmp_path, suffix, unit):
+    """An animated GIF / WebP / PNG or a multi-page TIFF was read as its first picture without a word; now the
+    reader's notes say so. A single picture in the same format gets no note (an opaque GIF no alpha note)."""
+    import io
+
+    from PIL import Image
+    pictures = [Image.fromarray(np.full((20, 30, 3), 40 + 60 * i, dtype=np.uint8)) for i in range(3)]
+    fmt = {'.gif': 'GIF', '.webp': 'WEBP', '.png': 'PNG', '.tif': 'TIFF'}[suffix]
+    for count in (3, 1):
+        buffer = io.BytesIO()
+        save = {'lossless': True} if fmt == 'WEBP' else {}
+        pictures[0].save(buffer, format=fmt, save_all=count > 1, append_images=pictures[1:count], **save)
+        path = tmp_path / f'{count}{suffix}'
+        path.write_bytes(buffer.getvalue())
+        img, notes = read_image(path)
+        assert img.shape == (20, 30, 3) and abs(float(img.mean()) - 40) < 3  # the first picture
+        kind = 'multi-page' if unit == 'pages' else 'animated'
+        assert notes == ([f'{kind} (3 {unit}): only the first {unit[:-1]} was used'] if count > 1 else [])
+    from cdnsr_plugin.utils.io import list_images
+    assert list_images(tmp_path) == [tmp_path / f'1{suffix}', tmp_path / f'3{suffix}']  # GIFs are images too
