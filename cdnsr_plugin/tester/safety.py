@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
-from cdnsr_plugin.utils.io import list_images, write_json
+from cdnsr_plugin.utils.io import list_images, readable_size, write_json
 from cdnsr_plugin.utils.locks import Busy, ForeignFile, RunLock
 
 CLASSMAP_SUFFIX = '_classmap'
@@ -323,7 +323,7 @@ def check_memory(path: Path, height: int, width: int, scale: int, device: torch.
     needed = int(margin * output_bytes(height, width, scale))
     if available is not None and needed > available:
         raise ValueError(f'{path}: a {width}x{height} input gives a {scale * width}x{scale * height} output that '
-                         f'needs about {needed / 2**30:.1f} GB and {available / 2**30:.1f} GB are free on {device}; '
+                         f'needs about {readable_size(needed)} and {readable_size(available)} are free on {device}; '
                          'cut the image into parts (or use a machine with more memory)')
 
 
@@ -352,10 +352,10 @@ def check_free_space(out: Path, inputs: Iterable[Path], scale: int, files_per_im
     raw = files_per_image * sum(3 * h * w * scale * scale for h, w in sizes)
     free = shutil.disk_usage(out).free
     if free < PNG_FLOOR * raw:
-        raise ValueError(f'--out {out}: the {len(sizes)} images need about {PNG_FLOOR * raw / 2**30:.2f}-'
-                         f'{raw / 2**30:.2f} GB (SR images and class maps as PNG) and {free / 2**30:.2f} GB are free '
+        raise ValueError(f'--out {out}: the {len(sizes)} images need about {readable_size(PNG_FLOOR * raw)} to '
+                         f'{readable_size(raw)} (SR images and class maps as PNG) and {readable_size(free)} are free '
                          'there; free some space, choose another --out, or pass --no-save-images')
     if free < raw:
-        return (f'--out {out} has {free / 2**30:.2f} GB free and the SR images and class maps may need up to '
-                f'{raw / 2**30:.2f} GB: images that do not fit will fail')
+        return (f'--out {out} has {readable_size(free)} free and the SR images and class maps may need up to '
+                f'{readable_size(raw)}: images that do not fit will fail')
     return None

@@ -65,6 +65,19 @@ def atomic_write(path: Path | str, data: bytes) -> Path:
     return path
 
 
+def readable_size(size: float) -> str:
+    """A byte count as people read it: ``512 B``, ``37.2 KB``, ``4.81 MB``, ``1.25 GB`` (powers of 1024, three
+    significant digits)."""
+    value = float(size)
+    for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
+        if abs(value) < 1024 or unit == 'TB':
+            break
+        value /= 1024
+    if unit == 'B':
+        return f'{int(value)} B'
+    return f'{value:.3g} {unit}' if value < 1000 else f'{value:.0f} {unit}'
+
+
 def jsonable(value: Any) -> Any:
     """Plain JSON types: numpy scalars/arrays and tensors unwrapped, paths as strings, and non-finite
     floats (e.g. the infinite PSNR of an exact copy) as null (strict JSON has none)."""

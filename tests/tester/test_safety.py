@@ -3,6 +3,7 @@ message naming the folder, files or checkpoint part; the user's files unchanged 
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from cdnsr_plugin.tester.cli import main
+from cdnsr_plugin.utils.io import readable_size
 
 from helpers import REPO
 
@@ -232,7 +234,9 @@ def test_free_space_for_the_outputs_is_checked_before_any_work(setup, tmp_path, 
     monkeypatch.setattr(safety.shutil, 'disk_usage', small_disk(int(0.2 * raw)))
     assert run(root, lr, tmp_path / 'full') == 2
     err = capsys.readouterr().err
-    assert 'free some space' in err and f'{raw / 2**30:.2f} GB' in err
+    assert 'free some space' in err and f'to {readable_size(raw)} (SR images' in err
+    sizes = r'[0-9.]+ [KM]B to [0-9.]+ [KM]B \(SR images and class maps as PNG\) and [0-9.]+ [KM]B are free'
+    assert re.search('need about ' + sizes, err)  # sizes a user reads, not '0.00-0.00 GB'
     assert not any((tmp_path / 'full').rglob('*.png'))
     monkeypatch.setattr(safety.shutil, 'disk_usage', small_disk(int(0.5 * raw)))
     assert run(root, lr, tmp_path / 'tight') == 0
