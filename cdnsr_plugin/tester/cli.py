@@ -5,6 +5,9 @@ Exit status: 0 when every image was processed, 1 when some failed (they are list
 report.json), 2 when the options, network or checkpoint are wrong or another run is writing into ``--out``
 (nothing was processed), 130 when interrupted (Ctrl-C): one line says what was written, no report is written,
 and a rerun with ``--overwrite`` removes the interrupted run's outputs (listed in ``run_in_progress.json``).
+
+Under ``torchrun --nproc_per_node N`` the images are split over N processes (``tester.shard``); rank 0 prints
+and writes the one report, the other ranks exit 0 once their images are done and merged.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from cdnsr_plugin.tester.config import TestConfig, from_args
 from cdnsr_plugin.tester.records import Report
 from cdnsr_plugin.tester.report import FULL_IMAGE_XLABEL, format_summary, sweep_series, write_report
 from cdnsr_plugin.tester.run import Runner
+from cdnsr_plugin.tester.shard import Shard
 from cdnsr_plugin.utils.viz import plot_psnr_flops
 
 
@@ -35,21 +39,35 @@ def interrupted(cfg: Optional[TestConfig], runner: Optional[Runner]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    cfg, runner = None, None
+    """The tester; under ``torchrun`` one process of several (``tester.shard``): rank 0 reports for all."""
+    cfg, runner, shard = None, None, Shard.from_env()
     try:
+        error = None
         try:
             cfg = from_args(argv)
-            runner = Runner(cfg, command=' '.join(['test_patches.py', *(sys.argv[1:] if argv is None else argv)]))
+            runner = Runner(cfg, ' '.join(['test_patches.py', *(sys.argv[1:] if argv is None else argv)]), shard)
         except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:  # FileExistsError: --out is busy
-            print(f'error: {exc}', file=sys.stderr)
+            error = str(exc)
+        error = shard.agree(error)
+        if error is None:
+            try:
+                runner.start()
+            except ValueError as exc:
+                error = str(exc)
+        if error is not None:
+            if shard.main:
+                print(f'error: {error}', file=sys.stderr)
             return 2
-        return finish(cfg, runner, runner.run())
+        report = runner.run()
+        return finish(cfg, runner, report) if shard.main else 0
     except KeyboardInterrupt:
-        print(printable(interrupted(cfg, runner)), file=sys.stderr)
+        if shard.main:
+            print(printable(interrupted(cfg, runner)), file=sys.stderr)
         return 130
     finally:
         if runner is not None:
             runner.close()
+        shard.close()
 
 
 def finish(cfg: TestConfig, runner: Runner, report: Report) -> int:

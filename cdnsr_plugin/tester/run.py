@@ -71,6 +71,7 @@ from cdnsr_plugin.tester.records import Failure, Flops, ImageRecord, Report, Set
 from cdnsr_plugin.tester.safety import (Progress, check_finite_weights, check_free_space, check_memory,
                                         check_out_contents, check_out_location, check_output_names, lock_out,
                                         replace_earlier_run, sr_names)
+from cdnsr_plugin.tester.shard import Shard
 from cdnsr_plugin.utils.checkpoint import load_parts, load_weights
 from cdnsr_plugin.utils.image import to_tensor
 from cdnsr_plugin.utils.io import SkipImage, Skipped, list_images, read_image, write_image
@@ -283,17 +284,29 @@ def metrics(sr_img: np.ndarray, gt: Optional[np.ndarray], crop: int) -> dict[str
     return values
 
 
+class Mark:
+    """Where a set starts in a runner's lists (``Runner.merge``): its records per setting, failures and notes."""
+
+    def __init__(self, runner: 'Runner') -> None:
+        self.images = [len(result.images) for result in runner.results]
+        self.failures, self.notes = len(runner.failures), len(runner.notes)
+        self.set_notes = self.notes
+
+
 class Runner:
     """Holds the network, engine, costs and results of one run (see the module docstring)."""
 
-    def __init__(self, cfg: TestConfig, command: str = '') -> None:
+    def __init__(self, cfg: TestConfig, command: str = '', shard: Optional[Shard] = None) -> None:
         """Every check before any work (``tester.safety``), then the network. ``--out`` is locked from the first
-        write to ``close``: a second run into it fails at once (``utils.locks.Busy``)."""
+        write to ``close``: a second run into it fails at once (``utils.locks.Busy``). Under ``torchrun``
+        (``shard``), rank 0 alone locks and checks ``--out``; ``start`` then prepares it for every rank."""
         self.cfg, self.command = cfg, command or ' '.join(sys.argv)
+        self.shard = shard or Shard()
         self.progress: Optional[Progress] = None
+        self.lock = None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(self.shard.device(cfg.device))
         # before any work: nothing of the user's can be overwritten, and the results can be written. A single
         # input image protects itself (no output may be it), a folder of inputs the whole folder
         folders = [spec.lq for spec in cfg.datasets if not spec.lq.is_file()]
@@ -301,6 +314,9 @@ class Runner:
         files += [cfg.checkpoint, cfg.router_file, *cfg.parts.values()]
         check_out_location(cfg.out, folders + [spec.gt for spec in cfg.datasets] + [cfg.onnx], files,
                            planned_outputs(cfg))
+        if not self.shard.main:  # rank 0 owns --out; this rank only writes its images there after ``start``
+            self._set_up()
+            return
         self.lock = lock_out(cfg.out)
         created = not cfg.out.exists()
         try:
@@ -336,15 +352,30 @@ class Runner:
         self.paper_engine = (
             RoutedEngine(self.engine.net, dataclasses.replace(cfg.engine, tiling='paper'), self.device)
             if self.regions else self.engine)
-        if cfg.overwrite:  # every other check has passed: only now is the earlier run's output removed
-            fitted = cfg.out / 'laplacian_router.json' if cfg.fit_router else None  # written by this run
-            replace_earlier_run(cfg.out, [cfg.router_file, fitted, cfg.checkpoint, *cfg.parts.values()])
-        self.progress = Progress(cfg.out, self.command)  # what this run writes, listed as it goes
         self.results = [SettingResult(s.name, s.kind) for s in cfg.settings]
         self.failures: list[Failure] = []
         self.notes: list[dict] = []
         self.classified: dict[Path, tuple[torch.Tensor, float]] = {}  # set budget: logits, seconds per image
         self.shared: dict[str, SharedEta] = {}  # set budget: the eta of each setting for the current set
+
+    def start(self) -> None:
+        """Every check has passed (on every rank): only now is the earlier run's output removed (``--overwrite``)
+        and this run's progress list started, by rank 0; the other ranks wait for it. Raises ``ValueError`` (on
+        every rank) when ``--overwrite`` is refused."""
+        cfg, error = self.cfg, None
+        if self.shard.main:
+            try:
+                if cfg.overwrite:
+                    fitted = cfg.out / 'laplacian_router.json' if cfg.fit_router else None  # written by this run
+                    replace_earlier_run(cfg.out, [cfg.router_file, fitted, cfg.checkpoint, *cfg.parts.values()])
+                self.progress = Progress(cfg.out, self.command)  # what this run writes, listed as it goes
+                if self.shard.sharded:  # the other ranks write too: their outputs are listed now, before any is
+                    self.progress.add(*planned_outputs(cfg))
+            except (ValueError, OSError) as exc:
+                error = str(exc)
+        error = self.shard.agree(error)
+        if error is not None:
+            raise ValueError(error)
 
     def finish(self) -> None:
         """The run's report is written: its progress list goes (the report lists the outputs now) and ``--out``
@@ -376,19 +407,26 @@ class Runner:
         self.engine.render(lr, torch.arange(len(grid)) % m, grid)
         if any(setting.kind == 'backbone-tiled' for setting in self.cfg.settings):
             self.engine.tile_choice  # measured now (tiled.choose_tile), not inside the first image's time
+            if self.shard.sharded:  # every rank tiles as rank 0 measured: one run, one tile (and one report)
+                self.engine._tile_choice = self.shard.gather(self.engine.tile_choice)[0]
 
     def run_dataset(self, spec: DatasetSpec) -> None:
         """Every image of one set; a bad image or folder is recorded in ``failures`` and the run goes on."""
         skipped = Skipped()
+        failures = self.failures if self.shard.main else []  # the set's own failures: rank 0 reports them
         try:
             paths = images_of(spec.lq, skipped)
-            gts = gt_index(spec, self.failures)
+            gts = gt_index(spec, failures)
         except (FileNotFoundError, ValueError, KeyError, IndexError) as exc:
-            self.failures.append(Failure(str(spec.lq), f'{type(exc).__name__}: {exc}'))
+            failures.append(Failure(str(spec.lq), f'{type(exc).__name__}: {exc}'))
             return
-        self.failures.extend(Failure(path, reason) for path, reason in skipped.items)
+        failures.extend(Failure(path, reason) for path, reason in skipped.items)
+        start = Mark(self)
         self.solve_set_budgets(spec, paths, gts)
-        for path in tqdm(paths, desc=f'{spec.name}', unit='image', file=sys.stderr):
+        start.set_notes = len(self.notes)  # the solve's notes (the same on every rank) come before the images'
+        for path in tqdm(
+                self.shard.take(paths), desc=f'{spec.name}', unit='image', file=sys.stderr,
+                disable=not self.shard.main):
             try:
                 pair = load_pair(path, gts.get(path.stem), self.engine.scale, spec.gt is not None)
                 self.run_image(spec, pair)
@@ -398,7 +436,32 @@ class Runner:
                 self.failures.append(Failure(str(path), f'{type(exc).__name__}: {exc}'))
                 if self.device.type == 'cuda':
                     torch.cuda.empty_cache()
+        if self.shard.sharded:
+            self.merge(start, paths)
         self.check_set_budgets(spec)
+
+    def merge(self, start: 'Mark', paths: list[Path]) -> None:
+        """``torchrun``: rank 0 gathers what every rank recorded for the set since ``start`` and orders it as one
+        process would (the set's own failures and the solve's notes first, then each image's records, failures
+        and notes in the images' order); the other ranks keep nothing of it."""
+        by_path = {str(path): i for i, path in enumerate(paths)}
+        by_stem = {path.stem: i for i, path in enumerate(paths)}
+        mine = ([result.images[start.images[i]:] for i, result in enumerate(self.results)],
+                self.failures[start.failures:], self.notes[start.set_notes:])
+        gathered = self.shard.gather(mine)
+        for i, result in enumerate(self.results):
+            del result.images[start.images[i]:]
+        del self.failures[start.failures:]
+        del self.notes[start.notes if not self.shard.main else start.set_notes:]
+        if not self.shard.main:
+            return
+        for i, result in enumerate(self.results):
+            records = [record for part in gathered for record in part[0][i]]
+            result.images.extend(sorted(records, key=lambda r: by_stem.get(r.image, -1)))
+        failures = [failure for part in gathered for failure in part[1]]
+        self.failures.extend(sorted(failures, key=lambda f: by_path.get(f.file, -1)))
+        notes = [note for part in gathered for note in part[2]]
+        self.notes.extend(sorted(notes, key=lambda n: by_path.get(n['file'], -1)))
 
     def check_set_budgets(self, spec: DatasetSpec) -> None:
         """A note where the images of ``spec`` that ran spent more than a set budget: one counted in the solve
@@ -482,7 +545,12 @@ class Runner:
         if not settings:
             return
         sizes = {}
-        for path in tqdm(paths, desc=f'{spec.name}: classify for the set budget', unit='image', file=sys.stderr):
+        for path in tqdm(
+                self.shard.take(paths),
+                desc=f'{spec.name}: classify for the set budget',
+                unit='image',
+                file=sys.stderr,
+                disable=not self.shard.main):
             try:  # whatever fails here is reported when the image's own turn comes, as run_dataset does
                 pair = load_pair(path, gts.get(path.stem), self.engine.scale, spec.gt is not None)
                 check_memory(pair.path, *pair.lr.shape[-2:], self.engine.scale, self.device)
@@ -497,35 +565,58 @@ class Runner:
                 continue  # non-finite logits: the image's own run reports it (its SR image is checked)
             self.classified[path] = (logits, timing.seconds)
             sizes[path] = (int(lr.shape[-2]), int(lr.shape[-1]))
-        if not self.classified:
+        # under torchrun every rank holds its own images; the sizes of all, in the set's order, on every rank
+        order = {path: i for i, path in enumerate(paths)}
+        every = sorted(
+            ((order[p], str(p), size) for part in self.shard.gather(list(sizes.items())) for p, size in part),
+            key=lambda item: item[0])
+        if not every:
             return
         for setting in settings:
             with warnings.catch_warnings(record=True) as caught, measure(self.device) as timing:
                 warnings.simplefilter('always')
                 costs = [branch.value(self.cfg.convention) for branch in self.table.branches]
-                limit = eta_limit([logits for logits, _ in self.classified.values()], costs)
-                solution = solve_shared_eta(self.set_fraction(setting, sizes), setting.set_budget, limit)
+                limits = self.shard.gather(
+                    eta_limit([logits for logits, _ in self.classified.values()], costs) if self.classified else None)
+                limit = max(value for value in limits if value is not None)
+                solution = solve_shared_eta(
+                    self.set_fraction(setting, sizes, [size for _, _, size in every], order), setting.set_budget, limit)
             self.shared[setting.name] = solution
             if caught:
                 self.note(spec.lq, [f'{setting.name}: {warning.message}' for warning in caught])
-            share = timing.seconds / len(self.classified)  # the solve, spread over the images it routed
+            share = timing.seconds / max(len(self.classified), 1)  # the solve, spread over the images it routed
             self.classified = {path: (logits, seconds + share) for path, (logits, seconds) in self.classified.items()}
             self.note(spec.lq, [
-                f'{setting.name}: eta {solution.eta:.4g} over {len(self.classified)} images: '
+                f'{setting.name}: eta {solution.eta:.4g} over {len(every)} images: '
                 f'{100 * solution.fraction:.2f}% of the backbone\'s {self.cfg.convention} FLOPs on the '
                 f'whole images ({timing.seconds:.3f} s to solve)'
             ])
 
-    def set_fraction(self, setting: Setting, sizes: dict[Path, tuple[int, int]]) -> Callable[[float], float]:
+    def set_fraction(self,
+                     setting: Setting,
+                     sizes: dict[Path, tuple[int, int]],
+                     every: Optional[list[tuple[int, int]]] = None,
+                     positions: Optional[dict[Path, int]] = None) -> Callable[[float], float]:
         """``eta`` -> the FLOPs the routed run executes on all ``sizes`` images under ``eta`` (as ``record``
-        counts them), over the backbone's on the whole images, in the run's convention."""
+        counts them), over the backbone's on the whole images, in the run's convention. Under ``torchrun``,
+        ``sizes`` are this rank's images (at ``positions`` in the set), ``every`` the sizes of all ranks' images in the
+        set's order: each
+        evaluation gathers every image's FLOPs and sums them in that order, as one process does."""
         convention = self.cfg.convention
         costs = [branch.value(convention) for branch in self.table.branches]
-        full = sum(full_image_cost(self.full_coefficients, *size)[convention] for size in sizes.values())
+        full = sum(
+            full_image_cost(self.full_coefficients, *size)[convention]
+            for size in (every if every is not None else sizes.values()))
         options, num_classes = self.cfg.engine, self.engine.num_classes
 
         def fraction(eta: float) -> float:
-            total = 0.0
+            if self.shard.sharded:
+                parts = self.shard.gather([(positions[path], value) for path, value in per_image(eta).items()])
+                return sum(value for _, value in sorted(item for part in parts for item in part)) / full
+            return sum(per_image(eta).values()) / full
+
+        def per_image(eta: float) -> dict[Path, float]:
+            values = {}
             for path, size in sizes.items():
                 labels = cost_aware_labels(self.classified[path][0], costs, eta)
                 if self.regions:
@@ -535,8 +626,8 @@ class Runner:
                 else:
                     counts = torch.bincount(labels, minlength=num_classes).tolist()
                     flops = flops_of(setting, counts, self.table, None, self.full_coefficients, size)
-                total += flops[convention].total
-            return total / full
+                values[path] = flops[convention].total
+            return values
 
         return fraction
 
