@@ -10,31 +10,16 @@ with BasicSR's PairedImageDataset, filename_tmpl: '{}') and OUT/summary.json. Un
 skipped and listed; exit status is 0 unless the run could not be completed (1; Ctrl-C: 130, one line).
 """
 import argparse
-import signal
+import os
 import sys
 from pathlib import Path
 
-
-class CtrlC:
-    """This tool's SIGINT handler, installed before anything heavy is imported (torch takes seconds), so a Ctrl-C
-    at any moment ends the run with one line and exit 130 (never an import-time traceback). While ``armed`` it
-    raises ``KeyboardInterrupt``; it always sets ``interrupted``, so a Ctrl-C whose ``KeyboardInterrupt`` some
-    library swallowed still ends the run with 130 and no finished output (``staging.finish_output`` reads it).
-    The same class is in tools/prepare_data.py."""
-
-    def __init__(self) -> None:
-        self.interrupted = False
-        self.armed = False
-
-    def __call__(self, signum, frame) -> None:
-        self.interrupted = True
-        if self.armed:
-            raise KeyboardInterrupt
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/: also when loaded as a module
+import _ctrl_c  # noqa: E402 (standard library only: installed before anything heavy is imported)
 
 if __name__ == '__main__':
-    signal.signal(signal.SIGINT, CtrlC())
-_output = None  # the --output of the run, for the message of a Ctrl-C
+    _ctrl_c.install()
+PROGRAM = _ctrl_c.Program('make_test_sets')
 
 
 def tiers_arg(text: str):
@@ -85,11 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    global _output
-    _output = None
+    PROGRAM.output = None
     try:
         args = parse_args(argv)
-        _output = args.output
+        PROGRAM.output = args.output
         from concurrent.futures.process import BrokenProcessPool
 
         from cdnsr_plugin.preparation.test_sets import build_test_sets, format_summary
@@ -112,45 +96,9 @@ def main(argv=None) -> int:
             return 1
         print(format_summary(summary))
     except KeyboardInterrupt:
-        return interrupted()
+        return PROGRAM.interrupted()
     return 0
 
 
-def interrupted() -> int:
-    """Print the one line of a Ctrl-C and return 130; later Ctrl-Cs only count from here on."""
-    handler = signal.getsignal(signal.SIGINT)
-    if isinstance(handler, CtrlC):
-        handler.armed = False
-    staging = sys.modules.get('cdnsr_plugin.preparation.staging')
-    if _output is None or staging is None:
-        note = 'nothing was written'
-    else:
-        note = staging.interrupted_note(_output)
-    print(f'make_test_sets: interrupted; {note}', file=sys.stderr)
-    return 130
-
-
-def cli() -> int:
-    """``main`` as a program: with ``CtrlC`` installed, a Ctrl-C at any moment ends in ``interrupted``."""
-    handler = signal.getsignal(signal.SIGINT)
-    if not isinstance(handler, CtrlC):
-        return main()
-    code = None
-    try:
-        handler.armed = True
-        if not handler.interrupted:  # a Ctrl-C before this point was only counted
-            code = main()
-    except KeyboardInterrupt:
-        code = interrupted()
-    except Exception:
-        if not handler.interrupted:
-            raise
-        code = None  # an error that followed a swallowed Ctrl-C: the Ctrl-C is what to report
-    handler.armed = False
-    if handler.interrupted and code != 130:
-        code = interrupted()
-    return code
-
-
 if __name__ == '__main__':
-    sys.exit(cli())
+    sys.exit(PROGRAM.run(main))
