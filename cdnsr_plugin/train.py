@@ -4,6 +4,7 @@ with the plugin registered, experiments/ and tb_logger/ under the current direct
 Accepts every flag of BasicSR's ``basicsr/train.py`` (``--launcher``, ``--auto_resume``, ...).
 """
 import os
+import sys
 
 import cdnsr_plugin  # noqa: F401  (registers the plugin before basicsr reads the options)
 from cdnsr_plugin.compat import patch_basicsr
@@ -14,7 +15,14 @@ def main() -> None:
     patch_basicsr()  # safe YAML, CPU resume, atomic checkpoints, gloo DDP without GPUs (compat.py)
     check_before_folders()  # every option error in one message, before experiments/<name>/ is created
     from basicsr.train import train_pipeline
-    train_pipeline(os.getcwd())
+    try:
+        train_pipeline(os.getcwd())
+    except KeyboardInterrupt:  # one line, not a traceback: what was saved stays, --auto_resume continues from it
+        print(
+            'cdnsr_plugin.train: interrupted; the checkpoints and training states saved so far are kept: rerun '
+            'with --auto_resume to continue from the newest',
+            file=sys.stderr)
+        raise SystemExit(130) from None
     _close_process_group()
 
 

@@ -7,7 +7,8 @@ The ClassSR / CDNSR protocol (DIV8K 1201-1500): the first third of the sorted im
 downsampled to 2K wide (Test2K), the next third to 4K (Test4K), the last third kept (Test8K).
 Writes OUT/Test<NAME>/HR/<stem>.png and OUT/Test<NAME>/LR_bicubic/X<scale>/<stem>.png (load them
 with BasicSR's PairedImageDataset, filename_tmpl: '{}') and OUT/summary.json. Unusable files are
-skipped and listed; exit status is 0 unless the run could not be completed (1; Ctrl-C: 130, one line).
+skipped and listed; exit status 0, 2 when the options, the input or the output are refused (nothing written), 1
+when the run could not be completed, 130 on Ctrl-C (one line).
 """
 import argparse
 import os
@@ -86,7 +87,10 @@ def main(argv=None) -> int:
                 split=args.split,
                 workers=args.workers,
                 overwrite=args.overwrite)
-        except (OSError, ValueError) as exc:
+        except (ValueError, FileExistsError) as exc:  # refused input or output (a busy or foreign lock included)
+            print(f'make_test_sets: error: {exc}', file=sys.stderr)
+            return 2
+        except OSError as exc:  # the run could not be completed (disk full, unreadable folder)
             print(f'make_test_sets: error: {exc}', file=sys.stderr)
             return 1
         except BrokenProcessPool as exc:

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from cdnsr_plugin.models.stages import STAGE_NAMES, parse_stages
-from cdnsr_plugin.utils.checkpoint import load_parts, load_weights, part_paths
+from cdnsr_plugin.utils.checkpoint import load_parts, load_tensors, load_weights, part_paths
 
 ROUTED_MODELS = ('CDNSRModel', )
 
@@ -202,14 +202,12 @@ def _resume_errors(opt: dict, net: Optional[torch.nn.Module]) -> list[str]:
     if not state_path.is_file():
         return [f'path.resume_state: {path} does not exist']
     try:
-        state = torch.load(state_path, map_location='cpu', weights_only=True)
+        state = load_tensors(state_path, 'training state')
         resume_iter = int(state['iter'])
-    except Exception as exc:  # noqa: BLE001 (a pickle with code, a truncated file, not a state)
-        reason = ' '.join(str(exc).split('\n')[0].split())[:200]
-        return [
-            f'path.resume_state: {path} is not a training state that loads safely (weights only): '
-            f'{type(exc).__name__}: {reason}. Give a <iter>.state file that BasicSR saved'
-        ]
+    except ValueError as exc:  # a pickle with code, a truncated file (one line, utils.checkpoint.load_error)
+        return [f'path.resume_state: {exc}. Give a <iter>.state file that BasicSR saved']
+    except Exception as exc:  # noqa: BLE001 (loads, but is not a state: no iter)
+        return [f'path.resume_state: {path} is not a training state of BasicSR ({type(exc).__name__}: {exc})']
     errors = []
     name = opt.get('name')
     if state_path.parent.name == 'training_states' and state_path.parent.parent.name != name:
@@ -247,6 +245,10 @@ def _routed_errors(opt: dict, train: dict, net: Optional[torch.nn.Module]) -> li
     for name, loss_opt in loss_opts.items():
         if not isinstance(loss_opt, dict) or 'type' not in loss_opt:
             errors.append(f'train.losses.{name} must be a mapping with a type, e.g. {{type: L1Loss}}')
+            continue
+        weight = loss_opt.get('loss_weight', 1.0)
+        if not _is_finite_number(weight):
+            errors.append(f'train.losses.{name}.loss_weight must be a finite number, got {weight!r}')
             continue
         try:
             losses[name] = build_loss(copy.deepcopy(dict(loss_opt)))

@@ -92,11 +92,22 @@ class Stage:
         return max(minimum, start * (1.0 - (current_iter - self.start) / self.iters))
 
 
+STAGE_KEYS = ('name', 'iters', 'losses', 'train', 'routing', 'tau', 'prune', 'lr', 'lr_period', 'hard_gumbel',
+              'batch_size_per_gpu')
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _stage_errors(raw: Any, i: int, loss_names: set[str]) -> list[str]:
     key = f'train.stages[{i}]'
     if not isinstance(raw, dict):
         return [f'{key} must be a mapping with name, iters and losses']
     errors = []
+    unknown = sorted(str(k) for k in raw if k not in STAGE_KEYS)
+    if unknown:  # a misspelled key would be ignored and the stage run with its default: name it
+        errors.append(f"{key}: unknown key(s) {', '.join(unknown)} (a stage takes {', '.join(STAGE_KEYS)})")
     if raw.get('name') not in STAGE_NAMES:
         errors.append(f"{key}.name {raw.get('name')!r} is not one of {STAGE_NAMES}")
     if not isinstance(raw.get('iters'), int) or raw['iters'] < 1:
@@ -120,7 +131,8 @@ def _stage_errors(raw: Any, i: int, loss_names: set[str]) -> list[str]:
     if raw.get('routing', 'soft') not in ROUTINGS:
         errors.append(f"{key}.routing must be one of {ROUTINGS}, got {raw.get('routing')!r}")
     tau = raw.get('tau')
-    if tau is not None and (not isinstance(tau, (list, tuple)) or len(tau) != 2 or not 0 < tau[1] <= tau[0]):
+    if tau is not None and (not isinstance(tau, (list, tuple)) or len(tau) != 2
+                            or not all(_is_finite_number(t) for t in tau) or not 0 < tau[1] <= tau[0]):
         errors.append(f'{key}.tau must be [start, min] with 0 < min <= start, got {tau!r}')
     if raw.get('prune') not in (None, True, False):
         errors.append(f"{key}.prune must be true or false, got {raw.get('prune')!r}")

@@ -168,8 +168,15 @@ def check_out_contents(out: Path, overwrite: bool = False) -> None:
         with tempfile.NamedTemporaryFile(dir=target, prefix='.write_probe_'):
             pass
     except OSError as exc:
-        raise ValueError(f'--out {out} is not writable ({exc.strerror or exc}): choose a folder you can write '
-                         'to') from None
+        raise _not_writable(out, exc) from None
+
+
+def _not_writable(out: Path, exc: OSError) -> ValueError:
+    """The refusal of an ``--out`` that cannot be created or written: a part of its path that is a file is named."""
+    for parent in [Path(out), *Path(out).parents]:
+        if parent.is_file():
+            return ValueError(f'--out {out}: {parent} is a file, not a folder; choose a folder for the results')
+    return ValueError(f'--out {out} is not writable ({exc.strerror or exc}): choose a folder you can write to')
 
 
 def check_out_folder(out: Path,
@@ -197,8 +204,7 @@ def lock_out(out: Path, log: Optional[Callable[[str], None]] = None) -> RunLock:
     except (Busy, ForeignFile):
         raise
     except OSError as exc:
-        raise ValueError(f'--out {out} is not writable ({exc.strerror or exc}): choose a folder you can write '
-                         'to') from None
+        raise _not_writable(out, exc) from None
 
 
 class Progress:

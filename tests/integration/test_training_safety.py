@@ -97,7 +97,9 @@ def test_a_pickle_that_would_run_code_as_resume_state_is_refused(trained, traini
     evil.parent.mkdir()
     evil.write_bytes(pickle.dumps({'iter': 4, 'x': _Payload(marker)}))
     message = refused(trained, options(training_data, 'done', 3, resume_state=str(evil)))
-    assert f'{evil} is not a training state that loads safely (weights only)' in message
+    assert f'path.resume_state: training state {evil} ' in message  # one entry naming the file
+    assert 'is refused: loading it would call' in message or 'cannot be read (UnpicklingError' in message
+    assert 'weights_only' not in message  # never torch's advice to load it unsafely
     assert not marker.exists()
 
 
@@ -185,3 +187,25 @@ def test_a_second_run_of_one_experiment_fails_at_once_and_a_dead_runs_lock_is_ta
     assert 'taking over the lock on the experiment' in third.stdout and f'process {first.pid}' in third.stdout
     assert not lock.exists()  # removed when the third run ended
     assert (tmp_path / 'experiments' / 'shared' / 'models' / 'net_g_latest.pth').is_file()
+
+
+def test_ctrl_c_in_training_is_one_line_and_exit_130_and_the_run_resumes(tmp_path, training_data):
+    opt_file = write_options(tmp_path / 'long.yml', options(training_data, 'stopped', 2000))
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
+    process = subprocess.Popen([sys.executable, '-m', 'cdnsr_plugin.train', '-opt',
+                                str(opt_file)],
+                               cwd=tmp_path,
+                               stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE,
+                               text=True,
+                               env=env)
+    states = tmp_path / 'experiments' / 'stopped' / 'training_states'
+    deadline = time.time() + 180
+    while not (states.is_dir() and any(states.glob('*.state'))):  # training, with a state saved
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert 'Traceback' not in err and 'interrupted; the checkpoints and training states saved so far are kept' in err
+    assert not (tmp_path / 'experiments' / 'stopped.lock').exists()  # released at exit

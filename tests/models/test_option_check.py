@@ -81,6 +81,11 @@ CASES = {
     'unknown scheduler': (lambda o, t: o['train']['scheduler'].update(type='StepLR'),
                           'train.scheduler.type must be one of MultiStepLR, MultiStepRestartLR, '
                           "CosineAnnealingRestartLR (BasicSR's schedulers), got 'StepLR'"),
+    'NaN loss_weight in train.losses': (lambda o, t: o['train']['losses']['pixel'].update(loss_weight=float('nan')),
+                                        'train.losses.pixel.loss_weight must be a finite number, got nan'),
+    'text inside tau': (lambda o, t: stage(o, 2).update(tau=['x', 0.4]), "train.stages[2].tau must be [start, min]"),
+    'misspelled stage keys': (lambda o, t: stage(o, 1).update(routnig='hard', trian=['branches']),
+                              'train.stages[1]: unknown key(s) routnig, trian (a stage takes name, iters, losses'),
     'label outside the classes': (lambda o, t: o['datasets']['train'].update(
         label_file=str(relabelled(t,
                                   Path(o['datasets']['train']['dataroot_lq']).parent))), 'label 7 of'),

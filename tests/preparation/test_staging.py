@@ -45,7 +45,7 @@ def run_test_sets(input_dir: Path, output: Path, *extra: str) -> int:
 
 
 # tool -> (run, exit status of a refused run)
-TOOLS = {'prepare_data': (run_prepare, 2), 'make_test_sets': (run_test_sets, 1)}
+TOOLS = {'prepare_data': (run_prepare, 2), 'make_test_sets': (run_test_sets, 2)}
 
 
 def hashes(root: Path) -> dict[str, str]:
