@@ -1,6 +1,6 @@
 """``cdnsr-sr`` (``python -m cdnsr_plugin.run``): super-resolve a photo or a folder with a shipped model.
 
-    cdnsr-sr photo.png                         # results/cdnsr_carn_x4/photo/: SR image, class map, report
+    cdnsr-sr photo.png                         # results/<model>/photo/: SR image, class map, report
     cdnsr-sr photos/ --out sr/                 # every image of the folder
     cdnsr-sr photos/ --gt hr/ --compare-backbone   # PSNR, and the backbone (whole image, exact tiles) beside it
     cdnsr-sr photos/ --set-budget 0.4          # the cost knob over the folder: cheaper, a little lower quality

@@ -600,8 +600,7 @@ class Runner:
         """``eta`` -> the FLOPs the routed run executes on all ``sizes`` images under ``eta`` (as ``record``
         counts them), over the backbone's on the whole images, in the run's convention. Under ``torchrun``,
         ``sizes`` are this rank's images (at ``positions`` in the set), ``every`` the sizes of all ranks' images in the
-        set's order: each
-        evaluation gathers every image's FLOPs and sums them in that order, as one process does."""
+        set's order: each evaluation gathers every image's FLOPs and sums them in that order, as one process does."""
         convention = self.cfg.convention
         costs = [branch.value(convention) for branch in self.table.branches]
         full = sum(
