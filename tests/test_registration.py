@@ -1,4 +1,5 @@
 """Registration into basicsr, the start-up hook, the compat layer."""
+import re
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_basicsr_option_parsing_uses_a_safe_loader(tmp_path):
 def test_duplicate_option_keys_are_refused_naming_the_key_and_line(tmp_path):
     """PyYAML lets the last of two equal keys win silently; an option file that sets ``lr`` twice is a
     mistake that changes a run. Both loaders (basicsr's patched one and ``load_yaml``) refuse it."""
-    from cdnsr_plugin.compat import load_yaml, patch_basicsr
+    from cdnsr_plugin.compat import OptionFileError, load_yaml, patch_basicsr
     patch_basicsr()
     from basicsr.utils.options import ordered_yaml
     text = 'name: x\ntrain:\n  lr: 1.0e-3\n  total_iter: 10\n  lr: 2.0e-4\n'
@@ -62,12 +63,12 @@ def test_duplicate_option_keys_are_refused_naming_the_key_and_line(tmp_path):
         yaml.load(text, Loader=ordered_yaml()[0])
     path = tmp_path / 'dup.yml'
     path.write_text(text)
-    with pytest.raises(yaml.YAMLError, match="duplicate key 'lr'"):
-        load_yaml(str(path))
+    with pytest.raises(OptionFileError, match=r"dup.yml: not a usable option file: duplicate key 'lr'.*line 5"):
+        load_yaml(str(path))  # one line naming the file, the key and the line
     assert load_yaml(str(REPO_OPTIONS / 'networks' / 'CDNSR_FSRCNN_x4.yml'))['network_g']['type'] == 'CDNSRNet'
 
 
-def test_auto_resume_skips_a_truncated_state_for_the_previous_one(tmp_path, monkeypatch):
+def test_auto_resume_skips_a_truncated_state_for_the_previous_one(tmp_path, monkeypatch, capsys):
     """A kill during BasicSR's ``torch.save`` of ``200.state`` leaves a truncated file: resuming warns naming
     it and resumes from ``100.state`` (whose network checkpoint ``check_resume`` then points at); when no
     state loads, the error names every file."""
@@ -94,22 +95,24 @@ def test_auto_resume_skips_a_truncated_state_for_the_previous_one(tmp_path, monk
     assert state['iter'] == 100 and resumed['path']['resume_state'].endswith('100.state')
     assert resumed['path']['pretrain_network_g'] == 'experiments/run/models/net_g_100.pth'
     (states / '100.state').write_bytes(b'')
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=r'200\.state[\s\S]*100\.state'):
+    with pytest.warns(UserWarning), pytest.raises(SystemExit) as stopped:  # one message and exit 2
         load_resume_state(opt())
+    assert stopped.value.code == 2
+    assert re.search(r'no training state could be loaded: .*200\.state.*100\.state', capsys.readouterr().err)
     assert load_resume_state({'name': 'none', 'auto_resume': True, 'path': {}}) is None  # nothing to resume
 
 
 def test_an_alias_bomb_is_refused_at_once(tmp_path):
     """A "billion laughs" option file (nine levels of nine aliases: 9^10 values once copied out) once ran 37 s
     into a MemoryError; both loaders now refuse it while reading, and ordinary anchors still work."""
-    from cdnsr_plugin.compat import load_yaml, patch_basicsr
+    from cdnsr_plugin.compat import OptionFileError, load_yaml, patch_basicsr
     patch_basicsr()
     from basicsr.utils.options import ordered_yaml
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lines += [f'a{i}: &a{i} [' + ', '.join([f'*a{i - 1}'] * 9) + ']' for i in range(1, 10)]
     bomb = tmp_path / 'bomb.yml'
     bomb.write_text('\n'.join(lines) + '\n')
-    with pytest.raises(yaml.YAMLError, match='alias bomb'):
+    with pytest.raises(OptionFileError, match='bomb.yml: not a usable option file: .*alias bomb'):
         load_yaml(str(bomb))
     with pytest.raises(yaml.YAMLError, match='alias bomb'):
         yaml.load(bomb.read_text(), Loader=ordered_yaml()[0])
